@@ -1,0 +1,3 @@
+from polymap.cli import main
+
+raise SystemExit(main())

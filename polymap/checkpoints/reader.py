@@ -1,0 +1,199 @@
+"""`TensorReader`: stream the tensors of one Hugging Face checkpoint directory, one at a time.
+
+Formats, in order of preference:
+
+1. ``model.safetensors`` (or any single ``*.safetensors``),
+2. sharded safetensors described by ``model.safetensors.index.json``,
+3. ``pytorch_model.bin`` (or its sharded index), loaded with
+   ``torch.load(weights_only=True, mmap=True)``. A file that needs full unpickling is
+   refused with :class:`UnsafeCheckpointError`; polymap never unpickles.
+
+A model is never materialised: safetensors files are memory-mapped and each tensor is
+read when asked for. Errors name the file and the reason.
+
+Examples
+--------
+>>> reader = TensorReader("runs/seed0/step1000")            # doctest: +SKIP
+>>> for name in reader.names():                             # doctest: +SKIP
+...     tensor = reader.get(name)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+WEIGHT_FILE_PATTERNS = ("*.safetensors", SAFETENSORS_INDEX, "pytorch_model*.bin", BIN_INDEX)
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be read; the message names the file and the reason."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickle-based checkpoint that would need arbitrary code to load."""
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The weight files of a checkpoint directory in the format polymap will read."""
+    directory = Path(directory)
+    for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
+        index = directory / index_name
+        if index.exists():
+            return [directory / f for f in sorted(set(_read_index(index).values()))]
+    safetensors = sorted(directory.glob("*.safetensors"))
+    if safetensors:
+        return safetensors
+    bins = sorted(directory.glob("pytorch_model*.bin"))
+    return bins
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    try:
+        data = json.loads(index.read_text())
+        weight_map = data["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{index}: not a valid shard index ({err})") from err
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: empty weight_map")
+    return weight_map
+
+
+def read_config(directory: Path) -> dict | None:
+    """``config.json`` as a dict, or None when absent. Raises on unreadable JSON."""
+    path = Path(directory) / "config.json"
+    if not path.exists():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: unreadable config ({err})") from err
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: config is not a JSON object")
+    return config
+
+
+class TensorReader:
+    """Random access to the tensors of one checkpoint directory without loading it whole.
+
+    Use as a context manager (or call :meth:`close`). ``get`` returns the tensor in its
+    stored dtype on the CPU; callers upcast.
+    """
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise CheckpointError(f"{self.directory}: not a directory")
+        self.files = weight_files(self.directory)
+        if not self.files:
+            raise CheckpointError(
+                f"{self.directory}: no weights (expected model.safetensors, "
+                f"{SAFETENSORS_INDEX} or pytorch_model.bin)"
+            )
+        self._stack = ExitStack()
+        self._where: dict[str, tuple[str, object]] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        try:
+            for file in self.files:
+                self._open(file)
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def _open(self, file: Path) -> None:
+        if not file.exists():
+            raise CheckpointError(f"{file}: listed in the shard index but missing")
+        if file.suffix == ".safetensors":
+            try:
+                handle = self._stack.enter_context(safe_open(str(file), framework="pt"))
+                names = list(handle.keys())
+                for name in names:
+                    self._shapes[name] = tuple(handle.get_slice(name).get_shape())
+            except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+                raise CheckpointError(f"{file}: corrupt or truncated safetensors ({err})") from err
+            for name in names:
+                self._where[name] = ("st", handle)
+        else:
+            state = load_bin(file)
+            for name, tensor in state.items():
+                if not isinstance(tensor, torch.Tensor):
+                    continue
+                self._where[name] = ("bin", tensor)
+                self._shapes[name] = tuple(tensor.shape)
+
+    def names(self) -> list[str]:
+        """Tensor names in the checkpoint, in stored order per file."""
+        return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor, in its stored dtype, on the CPU."""
+        kind, source = self._where[name]
+        if kind == "bin":
+            return source  # type: ignore[return-value]
+        try:
+            return source.get_tensor(name)  # type: ignore[attr-defined]
+        except (SafetensorError, OSError, RuntimeError) as err:
+            raise CheckpointError(f"{self.directory}: cannot read tensor {name} ({err})") from err
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.names():
+            yield name, self.get(name)
+
+    def weight_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+    def close(self) -> None:
+        self._stack.close()
+        self._where.clear()
+
+    def __enter__(self) -> TensorReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def load_bin(file: Path) -> dict[str, torch.Tensor]:
+    """Load a ``pytorch_model.bin`` with ``weights_only=True`` (memory-mapped when the
+    file is in the zip format); refuse anything that needs real unpickling."""
+    last: Exception | None = None
+    for mmap in (True, False):
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+            break
+        except pickle.UnpicklingError as err:
+            raise UnsafeCheckpointError(
+                f"{file}: refusing to unpickle: the file holds objects other than tensors"
+                f"{_unsupported_global(err)}. polymap loads .bin files only with "
+                "weights_only=True; convert the checkpoint to safetensors."
+            ) from err
+        except (RuntimeError, OSError, EOFError, ValueError) as err:
+            last = err
+    else:
+        raise CheckpointError(f"{file}: corrupt or truncated .bin ({last})") from last
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file}: expected a state dict, found {type(state).__name__}")
+    return state
+
+
+def _unsupported_global(err: Exception) -> str:
+    match = re.search(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)", str(err))
+    return f" (it references {match.group(1)})" if match else ""

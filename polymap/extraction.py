@@ -1,0 +1,298 @@
+"""``polymap.extract``: checkpoints in, one feature row per checkpoint out.
+
+The path of one checkpoint, top to bottom:
+
+1. :func:`~polymap.checkpoints.resolve_sources` turns sources into ``CheckpointRef`` s;
+2. :func:`~polymap.checkpoints.materialize` gives a local directory (downloading hub
+   checkpoints);
+3. :class:`~polymap.checkpoints.TensorReader` streams its tensors one at a time;
+4. :func:`~polymap.roles.assign_role` labels each (layer, role, kind);
+5. every requested feature set sees each tensor as a shared :class:`Param`;
+6. the row (keys, ``status``, ``error``, features) goes to the :class:`FeatureStore`.
+
+A checkpoint that cannot be read becomes a ``failed`` row with its reason; one with
+NaN/Inf weights a ``nonfinite`` row whose finite-safe features are still computed; the
+sweep goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import ExitStack
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from polymap.checkpoints import (
+    CheckpointError,
+    CheckpointRef,
+    TensorReader,
+    fingerprint,
+    materialize,
+    read_config,
+    resolve_sources,
+)
+from polymap.features import CheckpointContext, Param, get_feature_sets
+from polymap.features.base import FeatureSet
+from polymap.roles import assign_role, detect_architecture, is_known
+from polymap.table import FeatureStore, normalize
+
+log = logging.getLogger(__name__)
+COMPACT_EVERY = 64
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"device={device!r} is not one of 'auto', 'cpu', 'cuda'")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} requested but no CUDA GPU is available")
+    return torch.device(device)
+
+
+def _base_row(ref: CheckpointRef, sets: Sequence[type[FeatureSet]]) -> dict:
+    return {
+        "run": ref.run,
+        "step": ref.step,
+        "seed": ref.seed,
+        "model": ref.model,
+        "tokens": ref.tokens,
+        "status": "ok",
+        "error": None,
+        "fingerprint": fingerprint(ref),
+        "feature_sets": ",".join(s.name for s in sets),
+    }
+
+
+def extract_checkpoint(
+    ref: CheckpointRef,
+    feature_sets: str | Sequence[str] | None = None,
+    device: str | torch.device = "auto",
+    initial: CheckpointRef | None = None,
+    delete_after: bool = False,
+) -> dict:
+    """Feature row of one checkpoint. Never raises for a bad checkpoint: the row's
+    ``status`` and ``error`` say what went wrong.
+
+    ``initial`` is the run's step-0 checkpoint (for ``weights.*.rel_dist``).
+
+    >>> row = extract_checkpoint(CheckpointRef("r", 8, "runs/r/step8"))   # doctest: +SKIP
+    >>> row["status"], row["hu2023.l2"]                                   # doctest: +SKIP
+    ('ok', 3.41)
+    """
+    sets = get_feature_sets(feature_sets)
+    dev = resolve_device(device)
+    row = _base_row(ref, sets)
+    warnings: list[str] = []
+    try:
+        with ExitStack() as stack:
+            directory = stack.enter_context(materialize(ref, delete_after=delete_after))
+            reader = stack.enter_context(TensorReader(directory))
+            initial_reader = None
+            if initial is not None:
+                try:
+                    initial_dir = stack.enter_context(materialize(initial))
+                    initial_reader = stack.enter_context(TensorReader(initial_dir))
+                except CheckpointError as err:
+                    warnings.append(f"step-0 checkpoint unreadable, no rel_dist ({err})")
+            try:
+                config = read_config(directory)
+            except CheckpointError as err:
+                config = None
+                warnings.append(str(err))
+            if config is None and not warnings:
+                warnings.append(f"{directory}: config.json missing; architecture from names")
+            arch = detect_architecture(config, reader.names())
+            if not is_known(arch):
+                kind = (config or {}).get("model_type") or "unrecognised names"
+                warnings.append(f"unknown architecture ({kind}); roles by name heuristics")
+            context = CheckpointContext(ref, config, arch, dev, initial_reader)
+            row.update(_run_feature_sets(reader, context, sets))
+    except CheckpointError as err:
+        row.update(status="failed", error=str(err))
+        return row
+    except Exception as err:  # a bug or an unexpected file: keep the sweep going
+        log.exception("unexpected error extracting %s", ref)
+        row.update(status="failed", error=f"{type(err).__name__}: {err}")
+        return row
+    nonfinite = row.pop("_nonfinite", 0)
+    if nonfinite:
+        row["status"] = "nonfinite"
+        warnings.insert(0, f"{nonfinite} non-finite (NaN/Inf) weight entries")
+    elif warnings:
+        row["status"] = "warning"
+    row["error"] = "; ".join(warnings) or None
+    return row
+
+
+def _run_feature_sets(
+    reader: TensorReader, context: CheckpointContext, sets: Sequence[type[FeatureSet]]
+) -> dict:
+    instances = [cls(context) for cls in sets]
+    arch, dev = context.architecture, context.device
+    params = []
+    for name in sorted(reader.names()):  # one order for every file layout
+        role = assign_role(arch, name)
+        if role.kind != "buffer":
+            params.append((name, role))
+    nonfinite = 0
+    for name, role in params:
+        raw = reader.get(name)
+        if not raw.is_floating_point():
+            continue
+        param = Param(name, role, raw, dev, context.initial)
+        for instance in instances:
+            instance.add(param)
+        nonfinite += param.nonfinite_count
+        del param, raw
+    again = [s for s in instances if s.second_pass]
+    if again:
+        for name, role in params:
+            raw = reader.get(name)
+            if raw.is_floating_point():
+                param = Param(name, role, raw, dev, context.initial)
+                for instance in again:
+                    instance.add_again(param)
+    out: dict = {"_nonfinite": nonfinite}
+    for instance in instances:
+        out.update(instance.finish())
+    return out
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _pending(
+    refs: Sequence[CheckpointRef], existing: pd.DataFrame, wanted: Sequence[str]
+) -> list[CheckpointRef]:
+    done = {}
+    for rec in existing[["run", "step", "fingerprint", "feature_sets", "status"]].itertuples():
+        done[(rec.run, rec.step)] = rec
+    todo = []
+    for ref in refs:
+        rec = done.get((ref.run, ref.step))
+        if rec is not None and rec.status != "failed" and rec.fingerprint == fingerprint(ref):
+            have = set(str(rec.feature_sets or "").split(","))
+            if set(wanted) <= have:
+                continue
+        todo.append(ref)
+    return todo
+
+
+def _merge_with_previous(row: dict, existing: pd.DataFrame) -> dict:
+    """Keep feature sets computed earlier for the same file content."""
+    match = existing[(existing["run"] == row["run"]) & (existing["step"] == row["step"])]
+    if match.empty or match.iloc[0]["fingerprint"] != row["fingerprint"]:
+        return row
+    old = match.iloc[0].to_dict()
+    if old.get("status") == "failed":
+        return row
+    merged = {k: v for k, v in old.items() if "." in k and not _isnan(v)}
+    merged.update(row)
+    sets = dict.fromkeys(
+        str(old.get("feature_sets") or "").split(",") + row["feature_sets"].split(",")
+    )
+    merged["feature_sets"] = ",".join(s for s in sets if s)
+    return merged
+
+
+def _isnan(value) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def extract(
+    sources: str | Path | Iterable[str | Path] | Sequence[CheckpointRef],
+    out: str | Path | None = None,
+    features: str | Sequence[str] | None = None,
+    steps: str | Iterable[int] | None = None,
+    device: str = "auto",
+    jobs: int = 1,
+    delete_after: bool = False,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Extract feature rows for every checkpoint in ``sources``.
+
+    With ``out``, rows are appended to that Parquet FeatureTable as they finish,
+    checkpoints already there (same run, step and fingerprint, with these feature sets)
+    are skipped, and the whole table is returned. Without ``out`` only the new rows are
+    returned.
+
+    Examples
+    --------
+    >>> import polymap
+    >>> df = polymap.extract("runs/", out="features.parquet", features="hu2023")  # doctest: +SKIP
+    >>> df[["run", "step", "hu2023.lambda_max"]].head()                          # doctest: +SKIP
+    """
+    sets = get_feature_sets(features)
+    names = [s.name for s in sets]
+    resolve_device(device)  # fail fast on a bad device
+    if isinstance(sources, (str, Path)):
+        sources = [sources]
+    sources = list(sources)
+    if sources and all(isinstance(s, CheckpointRef) for s in sources):
+        refs = sorted(sources, key=lambda r: (r.run, r.step))
+    else:
+        refs = resolve_sources(sources, steps)
+    initial_of = {r.run: r for r in refs if r.step == 0}
+    store = FeatureStore(out) if out is not None else None
+    rows: list[dict] = []
+    with ExitStack() as stack:
+        existing = normalize(pd.DataFrame(columns=["run", "step"]))
+        if store is not None:
+            stack.enter_context(store)
+            existing = store.compact() if store.path.exists() or store.parts.exists() else existing
+        todo = _pending(refs, existing, names)
+        skipped = len(refs) - len(todo)
+        if skipped:
+            log.info("%d checkpoint(s) already in %s, skipped", skipped, out)
+        bar = stack.enter_context(
+            tqdm(total=len(todo), desc="extract", unit="ckpt", disable=not progress)
+        )
+        started = time.perf_counter()
+
+        def finished(row: dict) -> None:
+            if store is not None:
+                row = _merge_with_previous(row, existing)
+                store.append(row)
+                if len(rows) % COMPACT_EVERY == COMPACT_EVERY - 1:
+                    store.compact()
+            rows.append(row)
+            bar.set_postfix_str(f"{row['run']}@{row['step']} {row['status']}")
+            bar.update()
+
+        args = [(ref, names, device, initial_of.get(ref.run), delete_after) for ref in todo]
+        if jobs <= 1 or len(todo) <= 1:
+            for a in args:
+                finished(extract_checkpoint(*a))
+        else:
+            threads = max(1, (os.cpu_count() or 1) // jobs)
+            import multiprocessing as mp
+
+            pool = ProcessPoolExecutor(
+                jobs,
+                mp_context=mp.get_context("spawn"),
+                initializer=_worker_init,
+                initargs=(threads,),
+            )
+            with pool:
+                futures = {pool.submit(extract_checkpoint, *a): a[0] for a in args}
+                for future in as_completed(futures):
+                    finished(future.result())
+        log.info("extracted %d checkpoint(s) in %.1fs", len(rows), time.perf_counter() - started)
+        if store is not None:
+            return store.compact()
+    return (
+        normalize(pd.DataFrame(rows)) if rows else normalize(pd.DataFrame(columns=["run", "step"]))
+    )

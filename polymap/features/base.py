@@ -1,0 +1,188 @@
+"""What a feature set is, what it sees, and the registry that names them.
+
+A feature set is a class registered under a name. One instance is made per checkpoint;
+the extractor streams every parameter through :meth:`FeatureSet.add` (one tensor at a
+time, as a :class:`Param` whose derived quantities are computed once and shared by all
+sets), optionally a second time through :meth:`FeatureSet.add_again` when
+``second_pass`` is True, then asks :meth:`FeatureSet.finish` for ``{"<set>.<name>":
+float}``.
+
+Adding a metric in your own code::
+
+    from polymap.features import FeatureSet, register_feature_set
+
+    @register_feature_set
+    class MaxAbs(FeatureSet):
+        name = "maxabs"
+
+        def start(self):
+            self.value = 0.0
+
+        def add(self, p):
+            if p.role.kind == "weight":
+                self.value = max(self.value, float(p.finite_values.abs().max()))
+
+        def finish(self):
+            return {"maxabs.value": self.value}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import ClassVar
+
+import torch
+
+from polymap.checkpoints.reader import TensorReader
+from polymap.checkpoints.ref import CheckpointRef
+from polymap.features.numerics import gram_eigenvalues
+from polymap.roles import Architecture, ParamRole
+
+
+@dataclass
+class CheckpointContext:
+    """What a feature set may know about the checkpoint beyond its tensors."""
+
+    ref: CheckpointRef
+    config: dict | None
+    architecture: Architecture
+    device: torch.device
+    initial: TensorReader | None = None  # the run's step-0 checkpoint, when there is one
+
+
+class Param:
+    """One tensor of the checkpoint with lazily computed, cached derived quantities.
+
+    ``values`` is the tensor upcast to float32 on the extraction device (fp16/bf16 are
+    upcast; fp32 is not copied). ``matrix`` views it as ``(shape[0], -1)``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        role: ParamRole,
+        raw: torch.Tensor,
+        device: torch.device,
+        initial: TensorReader | None = None,
+    ):
+        self.name = name
+        self.role = role
+        self.raw = raw
+        self.device = device
+        self._initial_reader = initial
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.raw.shape)
+
+    @property
+    def numel(self) -> int:
+        return self.raw.numel()
+
+    @cached_property
+    def values(self) -> torch.Tensor:
+        return self.raw.to(device=self.device, dtype=torch.float32)
+
+    @cached_property
+    def nonfinite_count(self) -> int:
+        return int(self.numel - torch.isfinite(self.values).sum())
+
+    @property
+    def is_finite(self) -> bool:
+        return self.nonfinite_count == 0
+
+    @cached_property
+    def finite_values(self) -> torch.Tensor:
+        """The finite entries (flattened when any are not finite)."""
+        v = self.values
+        return v if self.is_finite else v[torch.isfinite(v)]
+
+    @cached_property
+    def matrix(self) -> torch.Tensor:
+        v = self.values
+        return v.reshape(v.shape[0], -1) if v.dim() else v.reshape(1, 1)
+
+    @cached_property
+    def gram_eigenvalues(self) -> torch.Tensor:
+        """Squared singular values of :attr:`matrix` (float64, descending); NaN-filled when
+        the matrix has non-finite entries."""
+        if not self.is_finite:
+            m = self.matrix
+            return torch.full((min(m.shape),), float("nan"), dtype=torch.float64)
+        return gram_eigenvalues(self.matrix).cpu()
+
+    @cached_property
+    def singular_values(self) -> torch.Tensor:
+        return self.gram_eigenvalues.sqrt()
+
+    @cached_property
+    def initial(self) -> torch.Tensor | None:
+        """This tensor in the run's step-0 checkpoint (float32, same device), if any."""
+        reader = self._initial_reader
+        if reader is None or self.name not in reader or reader.shape(self.name) != self.shape:
+            return None
+        return reader.get(self.name).to(device=self.device, dtype=torch.float32)
+
+
+class FeatureSet:
+    """Base class of a feature set; see the module docstring."""
+
+    name: ClassVar[str] = ""
+    #: True when the set needs the tensors a second time (e.g. an exact median).
+    second_pass: ClassVar[bool] = False
+    #: One line per feature pattern, for the docs and ``polymap features``.
+    documentation: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, context: CheckpointContext):
+        self.context = context
+        self.start()
+
+    def start(self) -> None:
+        """Reset per-checkpoint state."""
+
+    def add(self, param: Param) -> None:
+        raise NotImplementedError
+
+    def add_again(self, param: Param) -> None:
+        """Second pass over the same tensors (only when ``second_pass``)."""
+
+    def finish(self) -> dict[str, float]:
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, type[FeatureSet]] = {}
+DEFAULT_FEATURE_SETS = ("hu2023", "weights", "spectral")
+
+
+def register_feature_set(cls: type[FeatureSet]) -> type[FeatureSet]:
+    """Class decorator: make a feature set available by its ``name``."""
+    if not cls.name or "." in cls.name:
+        raise ValueError(f"feature set name {cls.name!r} must be non-empty and contain no '.'")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def feature_sets() -> dict[str, type[FeatureSet]]:
+    """Registered feature sets by name."""
+    return dict(_REGISTRY)
+
+
+def get_feature_sets(names: str | list[str] | tuple[str, ...] | None) -> list[type[FeatureSet]]:
+    """Look up feature sets by name (comma-separated string or list); None = defaults."""
+    if names is None:
+        names = DEFAULT_FEATURE_SETS
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    if not names:
+        raise ValueError("no feature sets requested")
+    unknown = [n for n in names if n not in _REGISTRY]
+    if unknown:
+        raise ValueError(f"unknown feature set(s) {unknown}; available: {sorted(_REGISTRY)}")
+    return [_REGISTRY[n] for n in dict.fromkeys(names)]
+
+
+def mean_ignoring_nan(values: list[float]) -> float:
+    """Mean of the non-NaN values (NaN when there are none)."""
+    kept = [v for v in values if v == v]
+    return sum(kept) / len(kept) if kept else float("nan")

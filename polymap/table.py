@@ -1,0 +1,192 @@
+"""The FeatureTable: one row per (run, step), stored as Parquet, written atomically.
+
+Schema: key columns ``run`` (str), ``step`` (int), then ``seed``, ``model``, ``tokens``,
+``status`` (``ok``, ``warning``, ``nonfinite``, ``failed``), ``error`` (the reason, or
+empty), ``fingerprint`` and ``feature_sets`` (bookkeeping for incremental runs), then the
+feature columns ``<set>.<feature>`` (float64).
+
+:class:`FeatureStore` makes a sweep crash-safe: every finished row is first written as
+its own small Parquet part file (write to a temporary name, then rename), and parts are
+merged into the main file every so often and at the end (again temp + rename). A crash
+at any moment loses at most the row being computed; the next run merges leftover parts.
+A lock file keeps two sweeps from writing the same table at once.
+
+>>> df = read_table("features.parquet")                       # doctest: +SKIP
+>>> feature_columns(df)[:2]                                    # doctest: +SKIP
+['hu2023.l1', 'hu2023.l2']
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+
+KEY_COLUMNS = ("run", "step")
+META_COLUMNS = (
+    "run",
+    "step",
+    "seed",
+    "model",
+    "tokens",
+    "status",
+    "error",
+    "fingerprint",
+    "feature_sets",
+)
+STATUSES = ("ok", "warning", "nonfinite", "failed")
+
+
+class TableError(ValueError):
+    """A table that does not follow the FeatureTable schema."""
+
+
+class TableLockedError(RuntimeError):
+    """Another process is writing the same table."""
+
+
+def feature_columns(df: pd.DataFrame) -> list[str]:
+    """The ``<set>.<feature>`` columns of a table, in table order."""
+    return [c for c in df.columns if c not in META_COLUMNS and "." in c]
+
+
+def normalize(df: pd.DataFrame) -> pd.DataFrame:
+    """Schema order and dtypes; raises :class:`TableError` on missing keys or duplicates."""
+    missing = [c for c in KEY_COLUMNS if c not in df.columns]
+    if missing:
+        raise TableError(f"table lacks key column(s) {missing}")
+    df = df.copy()
+    for column in META_COLUMNS:
+        if column not in df.columns:
+            df[column] = pd.NA
+    df["run"] = df["run"].astype(str)
+    df["step"] = pd.to_numeric(df["step"]).astype("int64")
+    for column in ("seed", "tokens"):
+        df[column] = pd.to_numeric(df[column]).astype("Int64")
+    for column in ("model", "status", "error", "fingerprint", "feature_sets"):
+        df[column] = df[column].astype("string")
+    df["status"] = df["status"].fillna("ok")
+    features = feature_columns(df)
+    for column in features:
+        df[column] = pd.to_numeric(df[column], errors="coerce").astype("float64")
+    dup = df.duplicated(list(KEY_COLUMNS), keep=False)
+    if dup.any():
+        pairs = df.loc[dup, ["run", "step"]].drop_duplicates().head(5).values.tolist()
+        raise TableError(f"duplicate (run, step) rows, e.g. {pairs}")
+    df = df[list(META_COLUMNS) + features]
+    return df.sort_values(["run", "step"], kind="stable").reset_index(drop=True)
+
+
+def write_table(df: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write atomically: a reader sees the old file or the new one, never a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        normalize(df).to_parquet(tmp, index=False)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_table(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a FeatureTable (including rows still in part files of an interrupted sweep)."""
+    return FeatureStore(path).load()
+
+
+def _merge(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return normalize(pd.DataFrame(columns=list(META_COLUMNS)))
+    merged = pd.concat(frames, ignore_index=True, sort=False)
+    merged = merged.drop_duplicates(list(KEY_COLUMNS), keep="last")
+    return normalize(merged)
+
+
+class FeatureStore:
+    """Incremental, crash-safe writer of one FeatureTable file (see module docs)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if self.path.exists() and self.path.is_dir():
+            raise TableError(f"{self.path}: is a directory, expected a .parquet file path")
+        self.parts = self.path.with_name(self.path.name + ".parts")
+        self._lock_fh = None
+
+    def _part_files(self) -> list[Path]:
+        return sorted(self.parts.glob("*.parquet")) if self.parts.is_dir() else []
+
+    def load(self) -> pd.DataFrame:
+        frames = []
+        if self.path.exists():
+            try:
+                frames.append(pd.read_parquet(self.path))
+            except Exception as err:  # pyarrow raises several types
+                raise TableError(f"{self.path}: unreadable Parquet ({err})") from err
+        for part in self._part_files():
+            try:
+                frames.append(pd.read_parquet(part))
+            except Exception:  # a part cut short by a crash before its rename cannot exist
+                continue
+        return _merge(frames)
+
+    def append(self, row: dict) -> None:
+        """Persist one row now (as a part file)."""
+        self.parts.mkdir(parents=True, exist_ok=True)
+        name = f"{len(self._part_files()):08d}-{uuid.uuid4().hex[:8]}.parquet"
+        tmp = self.parts / f".{name}.tmp"
+        pd.DataFrame([row]).to_parquet(tmp, index=False)
+        os.replace(tmp, self.parts / name)
+
+    def compact(self) -> pd.DataFrame:
+        """Merge part files into the main file (atomically) and remove them."""
+        parts = self._part_files()
+        table = self.load()
+        if parts or not self.path.exists():
+            write_table(table, self.path)
+        for part in parts:
+            part.unlink(missing_ok=True)
+        if self.parts.is_dir() and not any(self.parts.iterdir()):
+            self.parts.rmdir()
+        return table
+
+    def lock(self) -> FeatureStore:
+        """Take the table's lock or raise :class:`TableLockedError` naming the holder."""
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(lock_path, "a+")  # noqa: SIM115 (held open while the lock is held)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise TableLockedError(
+                f"{self.path} is being written by {holder} (lock {lock_path}); "
+                "wait for that sweep to finish"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        self._lock_fh = fh
+        return self
+
+    def unlock(self) -> None:
+        if self._lock_fh is not None:
+            fcntl.flock(self._lock_fh, fcntl.LOCK_UN)
+            self._lock_fh.close()
+            self._lock_fh = None
+
+    def __enter__(self) -> FeatureStore:
+        return self.lock()
+
+    def __exit__(self, *exc) -> None:
+        self.unlock()

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny real checkpoints written by transformers."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from transformers.utils import logging as hf_logging
+
+from polymap.synthetic import ARCHS, make_tiny_run
+
+hf_logging.disable_progress_bar()
+hf_logging.set_verbosity_error()
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory) -> dict[str, Path]:
+    """One tiny run per architecture (steps 0, 1, 4), trained a few AdamW steps."""
+    root = tmp_path_factory.mktemp("tiny")
+    runs = {}
+    for i, arch in enumerate(ARCHS):
+        make_tiny_run(root / arch, arch=arch, steps=(0, 1, 4), seed=i)
+        runs[arch] = root / arch
+    return runs
+
+
+@pytest.fixture(scope="session")
+def neox_runs(tmp_path_factory) -> Path:
+    """A runs directory with two GPT-NeoX seeds, steps 0, 1, 2, 4."""
+    root = tmp_path_factory.mktemp("neox") / "runs"
+    for seed in (0, 1):
+        make_tiny_run(root / f"seed{seed}", steps=(0, 1, 2, 4), seed=seed)
+    return root
+
+
+@pytest.fixture
+def runs_copy(neox_runs, tmp_path) -> Path:
+    """A private, writable copy of ``neox_runs``."""
+    dest = tmp_path / "runs"
+    shutil.copytree(neox_runs, dest)
+    return dest
