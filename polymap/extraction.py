@@ -146,12 +146,13 @@ def _run_feature_sets(
         role = assign_role(arch, name)
         if role.kind != "buffer":
             params.append((name, role))
+    order = max(s.moment_order for s in instances)
     nonfinite = 0
     for name, role in params:
         raw = reader.get(name)
         if not raw.is_floating_point():
             continue
-        param = Param(name, role, raw, dev, context.initial)
+        param = Param(name, role, raw, dev, context.initial, order)
         for instance in instances:
             instance.add(param)
         nonfinite += param.nonfinite_count
@@ -161,7 +162,7 @@ def _run_feature_sets(
         for name, role in params:
             raw = reader.get(name)
             if raw.is_floating_point():
-                param = Param(name, role, raw, dev, context.initial)
+                param = Param(name, role, raw, dev, context.initial, order)
                 for instance in again:
                     instance.add_again(param)
     out: dict = {"_nonfinite": nonfinite}

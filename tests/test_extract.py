@@ -213,3 +213,30 @@ def test_console_script_runs(runs_copy, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "4 checkpoint(s) of 2 run(s)" in result.stdout
     assert len(pd.read_parquet(tmp_path / "f.parquet")) == 4
+
+
+def test_unknown_architecture_gets_generic_roles_and_a_warning(tiny_runs, tmp_path):
+    state = load_file(tiny_runs["gpt_neox"] / "step4" / "model.safetensors")
+    renamed = {
+        k.replace("gpt_neox.layers", "backbone.blocks")
+        .replace("gpt_neox.", "backbone.")
+        .replace("attention.query_key_value", "mixer.in_proj"): v
+        for k, v in state.items()
+    }
+    (tmp_path / "step4").mkdir()
+    save_file(renamed, tmp_path / "step4" / "model.safetensors")
+    (tmp_path / "step4" / "config.json").write_text('{"model_type": "mamba"}')
+    row = polymap.extract_checkpoint(CheckpointRef("m", 4, str(tmp_path / "step4")), device="cpu")
+    assert row["status"] == "warning" and "unknown architecture (mamba)" in row["error"]
+    assert np.isfinite(row["hu2023.l1"]) and "weights.other.fro" in row
+    assert row["weights.layer1.mlp_in.fro"] > 0  # dense_h_to_4h still recognised by name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_gpu_matches_cpu(tiny_runs):
+    ref = CheckpointRef("neox", 4, str(tiny_runs["gpt_neox"] / "step4"))
+    cpu = polymap.extract_checkpoint(ref, device="cpu")
+    gpu = polymap.extract_checkpoint(ref, device="cuda")
+    for key, value in cpu.items():
+        if "." in key and isinstance(value, float) and np.isfinite(value):
+            assert gpu[key] == pytest.approx(value, rel=1e-4, abs=1e-7), key

@@ -103,3 +103,10 @@ def test_matrix_spectrum_values():
     assert m["erank"] == pytest.approx(math.exp(-(p * np.log(p)).sum()))
     assert m["sv_mean"] == pytest.approx(2.0)
     assert m["sv_var"] == pytest.approx(sv.var(ddof=1))
+
+
+@pytest.mark.parametrize("shift", [-1.0, 1.0, -1e-30, 0.0])
+def test_streaming_median_one_signed_and_tiny_values(shift):
+    g = torch.Generator().manual_seed(7)
+    parts = [torch.rand(n, generator=g) * 1e-3 + shift for n in (999, 10, 2)]
+    assert _median_of(parts) == torch.cat(parts).median().item()

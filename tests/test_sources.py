@@ -170,6 +170,16 @@ def test_offline_hub_lists_cached_revisions_and_reports_missing(offline_hub, neo
     assert "pythia-14m-seed3@step8" in missing["error"] and "HF_HUB_OFFLINE" in missing["error"]
 
 
+def test_fixture_cache_is_what_huggingface_hub_sees(offline_hub):
+    from huggingface_hub import scan_cache_dir
+
+    info = scan_cache_dir(offline_hub)
+    assert not info.warnings
+    (repo,) = info.repos
+    assert repo.repo_id == "EleutherAI/pythia-14m-seed3"
+    assert sorted(r for rev in repo.revisions for r in rev.refs) == ["step0", "step1", "step4"]
+
+
 def test_delete_after_removes_downloaded_revisions(offline_hub):
     repo = offline_hub / "models--EleutherAI--pythia-14m-seed3"
     before = len(list((repo / "snapshots").iterdir()))

@@ -8,8 +8,8 @@ Formats, in order of preference:
    ``torch.load(weights_only=True, mmap=True)``. A file that needs full unpickling is
    refused with :class:`UnsafeCheckpointError`; polymap never unpickles.
 
-A model is never materialised: safetensors files are memory-mapped and each tensor is
-read when asked for. Errors name the file and the reason.
+A model is never materialised: each tensor is read when asked for, into its own buffer.
+Errors name the file and the reason.
 
 Examples
 --------
@@ -34,6 +34,33 @@ from safetensors import SafetensorError, safe_open
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 WEIGHT_FILE_PATTERNS = ("*.safetensors", SAFETENSORS_INDEX, "pytorch_model*.bin", BIN_INDEX)
+
+
+# Tensors are read with plain file reads into fresh buffers rather than through a memory
+# map: mapped pages stay resident for as long as the file is open, so a mapped model
+# would count its whole size against the process, whereas this keeps the peak at the
+# largest tensor.
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def _safetensors_header(file: Path) -> tuple[dict, int]:
+    with open(file, "rb") as fh:
+        length = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(length))
+    return header, 8 + length
 
 
 class CheckpointError(Exception):
@@ -114,15 +141,19 @@ class TensorReader:
         if not file.exists():
             raise CheckpointError(f"{file}: listed in the shard index but missing")
         if file.suffix == ".safetensors":
-            try:
-                handle = self._stack.enter_context(safe_open(str(file), framework="pt"))
-                names = list(handle.keys())
-                for name in names:
-                    self._shapes[name] = tuple(handle.get_slice(name).get_shape())
+            try:  # safetensors validates the header and the file's extent
+                with safe_open(str(file), framework="pt") as handle:
+                    names = list(handle.keys())
+                header, data_start = _safetensors_header(file)
             except (SafetensorError, OSError, ValueError, RuntimeError) as err:
                 raise CheckpointError(f"{file}: corrupt or truncated safetensors ({err})") from err
+            fh = self._stack.enter_context(open(file, "rb"))  # noqa: SIM115
             for name in names:
-                self._where[name] = ("st", handle)
+                entry = header[name]
+                if entry["dtype"] not in _SAFETENSORS_DTYPES:
+                    raise CheckpointError(f"{file}: tensor {name} has dtype {entry['dtype']}")
+                self._where[name] = ("st", (fh, data_start, entry))
+                self._shapes[name] = tuple(entry["shape"])
         else:
             state = load_bin(file)
             for name, tensor in state.items():
@@ -146,10 +177,16 @@ class TensorReader:
         kind, source = self._where[name]
         if kind == "bin":
             return source  # type: ignore[return-value]
+        fh, data_start, entry = source  # type: ignore[misc]
+        begin, end = entry["data_offsets"]
+        buffer = torch.empty(end - begin, dtype=torch.uint8)
         try:
-            return source.get_tensor(name)  # type: ignore[attr-defined]
-        except (SafetensorError, OSError, RuntimeError) as err:
+            fh.seek(data_start + begin)
+            if fh.readinto(memoryview(buffer.numpy())) != end - begin:
+                raise OSError("short read")
+        except OSError as err:
             raise CheckpointError(f"{self.directory}: cannot read tensor {name} ({err})") from err
+        return buffer.view(_SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.names():

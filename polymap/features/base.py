@@ -28,6 +28,7 @@ Adding a metric in your own code::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
 from typing import ClassVar
@@ -36,7 +37,7 @@ import torch
 
 from polymap.checkpoints.reader import TensorReader
 from polymap.checkpoints.ref import CheckpointRef
-from polymap.features.numerics import gram_eigenvalues
+from polymap.features.numerics import Moments, gram_eigenvalues
 from polymap.roles import Architecture, ParamRole
 
 
@@ -65,8 +66,10 @@ class Param:
         raw: torch.Tensor,
         device: torch.device,
         initial: TensorReader | None = None,
+        moment_order: int = 4,
     ):
         self.name = name
+        self.moment_order = moment_order
         self.role = role
         self.raw = raw
         self.device = device
@@ -86,6 +89,8 @@ class Param:
 
     @cached_property
     def nonfinite_count(self) -> int:
+        if math.isfinite(float(self.values.sum())):  # fast path: a NaN/Inf poisons the sum
+            return 0
         return int(self.numel - torch.isfinite(self.values).sum())
 
     @property
@@ -97,6 +102,12 @@ class Param:
         """The finite entries (flattened when any are not finite)."""
         v = self.values
         return v if self.is_finite else v[torch.isfinite(v)]
+
+    @cached_property
+    def moments(self) -> Moments:
+        """Count, mean and central moments of the finite entries, up to the highest order
+        any requested set declared (``FeatureSet.moment_order``); shared by all sets."""
+        return Moments.of(self.finite_values, self.moment_order)
 
     @cached_property
     def matrix(self) -> torch.Tensor:
@@ -131,6 +142,8 @@ class FeatureSet:
     name: ClassVar[str] = ""
     #: True when the set needs the tensors a second time (e.g. an exact median).
     second_pass: ClassVar[bool] = False
+    #: Highest central moment the set reads from ``Param.moments`` (0, 2 or 4).
+    moment_order: ClassVar[int] = 0
     #: One line per feature pattern, for the docs and ``polymap features``.
     documentation: ClassVar[dict[str, str]] = {}
 

@@ -59,6 +59,7 @@ def included(name: str) -> bool:
 class Hu2023(FeatureSet):
     name = "hu2023"
     second_pass = True
+    moment_order = 2
     documentation = {
         "hu2023.l1": "mean over weight matrices of sum |w| (overall weight scale)",
         "hu2023.l2": "mean Frobenius norm of the weight matrices",
@@ -97,7 +98,7 @@ class Hu2023(FeatureSet):
         self.total += param.numel
         self.nonfinite += param.nonfinite_count
         values = param.finite_values
-        self.moments[group] = self.moments[group].merge(_mean_var(values))
+        self.moments[group] = self.moments[group].merge(param.moments)
         self.medians[group].add(values)
         if group == "w" and param.is_finite:
             self._add_matrix(param)
@@ -105,8 +106,8 @@ class Hu2023(FeatureSet):
     def _add_matrix(self, param: Param) -> None:
         m = param.matrix
         sv = param.singular_values
-        l1 = float(m.abs().sum(dtype=torch.float64))
-        l2 = math.sqrt(float((m * m).sum(dtype=torch.float64)))
+        l1 = sum(float(c.abs().sum()) for c in m.reshape(-1).split(1 << 22))
+        l2 = math.sqrt(float(param.gram_eigenvalues.sum()))  # ||W||_F^2 = trace of the Gram
         trace = float(torch.diagonal(m).sum(dtype=torch.float64))
         lam = float(sv[0])
         floored = torch.where(sv < SINGULAR_VALUE_FLOOR, torch.zeros_like(sv), sv)
@@ -137,13 +138,3 @@ class Hu2023(FeatureSet):
             out[f"hu2023.sigma_{group}"] = moments.var
         out["hu2023.nonfinite_fraction"] = self.nonfinite / self.total if self.total else math.nan
         return out
-
-
-def _mean_var(x: torch.Tensor) -> Moments:
-    """Moments up to order 2 only (cheaper than :meth:`Moments.of`)."""
-    n = x.numel()
-    if n == 0:
-        return Moments()
-    mean = float(x.sum(dtype=torch.float64)) / n
-    d = x - mean
-    return Moments(n, mean, float((d * d).sum(dtype=torch.float64)))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import struct
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,7 @@ import torch
 # WeightWatcher drops eigenvalues below this before fitting the power law.
 EVALS_THRESHOLD = 1e-5
 _GRAM_BLOCK_ELEMENTS = 1 << 22
+_CHUNK = 1 << 22
 
 
 @dataclass
@@ -43,21 +45,27 @@ class Moments:
     m4: float = 0.0
 
     @classmethod
-    def of(cls, x: torch.Tensor) -> Moments:
-        """Moments of the (finite) entries of ``x``."""
-        n = x.numel()
-        if n == 0:
-            return cls()
-        mean = float(x.sum(dtype=torch.float64)) / n
-        d = x - mean
-        d2 = d * d
-        return cls(
-            n,
-            mean,
-            float(d2.sum(dtype=torch.float64)),
-            float((d2 * d).sum(dtype=torch.float64)),
-            float((d2 * d2).sum(dtype=torch.float64)),
-        )
+    def of(cls, x: torch.Tensor, order: int = 4) -> Moments:
+        """Moments of the entries of ``x`` up to ``order`` (2 or 4; higher sums are 0).
+
+        Computed over chunks of ~4M entries merged exactly, so temporaries stay small
+        whatever the tensor's size. Sums run in the tensor's dtype with torch's pairwise
+        reduction; the chunk mean is subtracted first so central moments do not cancel.
+        """
+        flat = x.reshape(-1)
+        total = cls()
+        for start in range(0, flat.numel(), _CHUNK):
+            chunk = flat[start : start + _CHUNK]
+            n = chunk.numel()
+            mean = float(chunk.sum()) / n
+            d = chunk - mean
+            d2 = d * d
+            if order >= 4:
+                part = cls(n, mean, float(d2.sum()), float((d2 * d).sum()), float((d2 * d2).sum()))
+            else:
+                part = cls(n, mean, float(d2.sum()))
+            total = total.merge(part)
+        return total
 
     def merge(self, other: Moments) -> Moments:
         """Moments of the union of both streams."""
@@ -102,24 +110,36 @@ class Moments:
         return self.n * self.m4 / (self.m2 * self.m2) - 3.0
 
 
-def _sortable_keys(x: torch.Tensor) -> torch.Tensor:
-    """int32 keys whose order is the order of the float32 values."""
-    bits = x.to(torch.float32).contiguous().view(torch.int32)
-    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+_HIGH, _LOW = (1, 0) if sys.byteorder == "little" else (0, 1)
+# Raw 16-bit pattern u -> rank of its half in float order: negatives (sign bit set) count
+# down from the most negative, positives count up.
+_U16 = np.arange(65536)
+_RANK_OF_RAW = np.where(_U16 < 32768, _U16 + 32768, 65535 - _U16)
+_RAW_OF_RANK = np.argsort(_RANK_OF_RAW)
 
 
-def _key_to_float(key: int) -> float:
-    bits = key if key >= 0 else key ^ 0x7FFFFFFF
-    return struct.unpack("<f", struct.pack("<i", bits))[0]
+def _halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 16-bit halves of the float32 bit patterns of ``x`` (views, no copy)."""
+    pairs = x.to(torch.float32).contiguous().view(torch.int16).view(-1, 2)
+    return pairs[:, _HIGH], pairs[:, _LOW]
+
+
+def _histogram_u16(halves: torch.Tensor) -> np.ndarray:
+    """Counts of each raw 16-bit pattern (index = pattern as unsigned)."""
+    if halves.device.type == "cpu":
+        return np.bincount(halves.numpy().view(np.uint16), minlength=65536)
+    counts = torch.bincount(halves.to(torch.int32) & 0xFFFF, minlength=65536)
+    return counts.cpu().numpy()
 
 
 class StreamingMedian:
     """Exact lower median of the values of many tensors, in two passes.
 
-    Pass 1 (:meth:`add`) histograms the top 16 bits of each value's sortable key; the
-    bin holding rank ``(n - 1) // 2`` is then known, and pass 2 (:meth:`add_again`, the
-    same tensors again) histograms the low 16 bits of the values in that bin. Memory is
-    two 65,536-bin histograms, whatever the number of values.
+    Radix selection on the float32 bit patterns: pass 1 (:meth:`add`) counts the high 16
+    bits (sign, exponent, top of the mantissa) of every value; the high pattern holding
+    rank ``(n - 1) // 2`` in float order is then known, and pass 2 (:meth:`add_again`, the
+    same tensors again) counts the low 16 bits of the values that share it. Memory is two
+    65,536-bin histograms, whatever the number of values; -0.0 and 0.0 compare equal.
 
     >>> sm = StreamingMedian()
     >>> for t in (torch.tensor([5.0, -1.0]), torch.tensor([3.0, 2.0])):
@@ -132,54 +152,62 @@ class StreamingMedian:
 
     def __init__(self) -> None:
         self.n = 0
-        self._high = torch.zeros(65536, dtype=torch.int64)
-        self._low: torch.Tensor | None = None
-        self._bin = -1
-        self._rank = -1
+        self._high = np.zeros(65536, dtype=np.int64)
+        self._low: np.ndarray | None = None
+        self._target = -1  # raw high pattern of the median
+        self._rank = -1  # rank of the median among values with that pattern
 
     def add(self, x: torch.Tensor) -> None:
-        if x.numel() == 0:
-            return
-        high = (_sortable_keys(x) >> 16) + 32768
-        self._high += torch.bincount(high.flatten(), minlength=65536).cpu()
-        self.n += x.numel()
+        if x.numel():
+            self._high += _histogram_u16(_halves(x)[0])
+            self.n += x.numel()
 
     def _prepare(self) -> None:
         k = (self.n - 1) // 2
-        cumulative = torch.cumsum(self._high, 0)
-        self._bin = int(torch.searchsorted(cumulative, torch.tensor(k), right=True))
-        self._rank = k - (int(cumulative[self._bin - 1]) if self._bin > 0 else 0)
-        self._low = torch.zeros(65536, dtype=torch.int64)
+        cumulative = np.cumsum(self._high[_RAW_OF_RANK])  # in float order
+        rank_bin = int(np.searchsorted(cumulative, k, side="right"))
+        self._rank = k - (int(cumulative[rank_bin - 1]) if rank_bin else 0)
+        self._target = int(_RAW_OF_RANK[rank_bin])
+        self._low = np.zeros(65536, dtype=np.int64)
 
     def add_again(self, x: torch.Tensor) -> None:
         if self.n == 0 or x.numel() == 0:
             return
         if self._low is None:
             self._prepare()
-        keys = _sortable_keys(x).flatten()
-        inside = keys[(keys >> 16) + 32768 == self._bin]
+        high, low = _halves(x)
+        target = self._target - 65536 if self._target >= 32768 else self._target  # as int16
+        inside = low[high == target]
         if inside.numel():
-            self._low += torch.bincount(inside & 0xFFFF, minlength=65536).cpu()
+            self._low += _histogram_u16(inside)
 
     def value(self) -> float:
         if self.n == 0:
             return math.nan
         if self._low is None:
             raise RuntimeError("StreamingMedian.value() before the second pass")
-        cumulative = torch.cumsum(self._low, 0)
-        low = int(torch.searchsorted(cumulative, torch.tensor(self._rank), right=True))
-        return _key_to_float((self._bin - 32768) * 65536 + low)
+        negative = self._target >= 32768  # sign bit: larger low bits mean smaller values
+        counts = self._low[::-1] if negative else self._low
+        position = int(np.searchsorted(np.cumsum(counts), self._rank, side="right"))
+        low = 65535 - position if negative else position
+        return struct.unpack("<f", struct.pack("<I", (self._target << 16) | low))[0]
 
 
 def gram_eigenvalues(matrix: torch.Tensor) -> torch.Tensor:
     """Eigenvalues (descending, clipped at 0) of the smaller Gram matrix of ``matrix``,
-    i.e. its squared singular values, computed in float64 over row blocks so that only
-    one block is upcast at a time.
+    i.e. its squared singular values, computed in float64 over blocks so that only one
+    block is upcast at a time.
+
+    On the CPU the Gram matrix is accumulated with BLAS ``dsyrk`` (a symmetric product:
+    half the flops of a general matrix product) and diagonalised with LAPACK through
+    SciPy; on a GPU with torch.
 
     >>> w = torch.tensor([[3.0, 0.0], [0.0, 4.0], [0.0, 0.0]])
     >>> gram_eigenvalues(w).tolist()
     [16.0, 9.0]
     """
+    if matrix.device.type == "cpu":
+        return _gram_eigenvalues_cpu(matrix)
     rows, cols = matrix.shape
     tall = matrix if rows >= cols else matrix.T
     size = tall.shape[1]
@@ -190,6 +218,26 @@ def gram_eigenvalues(matrix: torch.Tensor) -> torch.Tensor:
         gram.addmm_(part.T, part)
     evals = torch.linalg.eigvalsh(gram)
     return evals.flip(0).clamp_min(0.0)
+
+
+def _gram_eigenvalues_cpu(matrix: torch.Tensor) -> torch.Tensor:
+    from scipy.linalg import blas, eigvalsh
+
+    a = matrix.detach().contiguous().numpy()
+    rows, cols = a.shape
+    size = min(rows, cols)
+    gram = np.zeros((size, size), dtype=np.float64, order="F")
+    block = max(1, _GRAM_BLOCK_ELEMENTS // max(size, 1))
+    if rows >= cols:  # G = A^T A: blocks of rows; part.T is Fortran-ordered, no copy
+        for start in range(0, rows, block):
+            part = a[start : start + block].astype(np.float64)
+            gram = blas.dsyrk(1.0, part.T, beta=1.0, c=gram, trans=0, overwrite_c=1)
+    else:  # G = A A^T: blocks of columns
+        for start in range(0, cols, block):
+            part = np.ascontiguousarray(a[:, start : start + block], dtype=np.float64)
+            gram = blas.dsyrk(1.0, part.T, beta=1.0, c=gram, trans=1, overwrite_c=1)
+    evals = eigvalsh(gram, lower=False, check_finite=False, overwrite_a=True, driver="evr")
+    return torch.from_numpy(evals[::-1].copy()).clamp_min(0.0)
 
 
 def powerlaw_alpha(evals: np.ndarray | torch.Tensor) -> tuple[float, float, float]:

@@ -61,6 +61,7 @@ class _Group:
 @register_feature_set
 class Weights(FeatureSet):
     name = "weights"
+    moment_order = 4
     documentation = {
         "weights.<group>.fro": "Frobenius norm of the group's weights",
         "weights.<group>.rms": "root mean square weight",
@@ -83,24 +84,33 @@ class Weights(FeatureSet):
         kind = param.role.kind
         if kind == "bias":
             values = param.finite_values
-            self.bias_sq[param.role.role] += float((values * values).sum(dtype=torch.float64))
+            self.bias_sq[param.role.role] += float((values * values).sum())
             return
         if kind != "weight":
             return
         self.total += param.numel
         self.nonfinite += param.nonfinite_count
         values = param.finite_values
-        moments = Moments.of(values)
+        moments = param.moments
         if values.numel():
-            max_abs = float(values.abs().max())
+            max_abs = max(float(values.max()), -float(values.min()))
             spread = OUTLIER_SIGMAS * moments.std if moments.n > 1 else math.inf
-            outliers = int(((values - moments.mean).abs() > spread).sum())
+            outliers = int((values > moments.mean + spread).sum()) + int(
+                (values < moments.mean - spread).sum()
+            )
         else:
             max_abs, outliers = math.nan, 0
         initial = param.initial
         if initial is not None and param.is_finite:
-            diff_sq = float(((param.values - initial) ** 2).sum(dtype=torch.float64))
-            init_sq = float((initial * initial).sum(dtype=torch.float64))
+            diff_sq = sum(
+                float(torch.sum((a - b) ** 2))
+                for a, b in zip(
+                    param.values.reshape(-1).split(1 << 22),
+                    initial.reshape(-1).split(1 << 22),
+                    strict=True,
+                )
+            )
+            init_sq = float((initial * initial).sum())
         else:
             diff_sq = init_sq = math.nan
         for name in group_names(param):
