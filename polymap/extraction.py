@@ -21,7 +21,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import ExitStack
 from pathlib import Path
@@ -148,27 +148,30 @@ def _run_feature_sets(
             params.append((name, role))
     order = max(s.moment_order for s in instances)
     nonfinite = 0
-    for name, role in params:
-        raw = reader.get(name)
-        if not raw.is_floating_point():
-            continue
+    for name, role, raw in _floating_tensors(reader, params):
         param = Param(name, role, raw, dev, context.initial, order)
         for instance in instances:
             instance.add(param)
         nonfinite += param.nonfinite_count
         del param, raw
-    again = [s for s in instances if s.second_pass]
-    if again:
-        for name, role in params:
-            raw = reader.get(name)
-            if raw.is_floating_point():
-                param = Param(name, role, raw, dev, context.initial, order)
-                for instance in again:
-                    instance.add_again(param)
+    again = [(n, r) for n, r in params if any(s.wants_again(n) for s in instances)]
+    for name, role, raw in _floating_tensors(reader, again):
+        param = Param(name, role, raw, dev, context.initial, order)
+        for instance in instances:
+            if instance.wants_again(name):
+                instance.add_again(param)
     out: dict = {"_nonfinite": nonfinite}
     for instance in instances:
         out.update(instance.finish())
     return out
+
+
+def _floating_tensors(reader: TensorReader, params: list) -> Iterator[tuple]:
+    """``(name, role, tensor)`` for the floating-point tensors, read one at a time."""
+    for name, role in params:
+        raw = reader.get(name)
+        if raw.is_floating_point():
+            yield name, role, raw
 
 
 def _worker_init(threads: int) -> None:

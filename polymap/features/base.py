@@ -3,8 +3,8 @@
 A feature set is a class registered under a name. One instance is made per checkpoint;
 the extractor streams every parameter through :meth:`FeatureSet.add` (one tensor at a
 time, as a :class:`Param` whose derived quantities are computed once and shared by all
-sets), optionally a second time through :meth:`FeatureSet.add_again` when
-``second_pass`` is True, then asks :meth:`FeatureSet.finish` for ``{"<set>.<name>":
+sets), then once more through :meth:`FeatureSet.add_again` those tensors for which
+:meth:`FeatureSet.wants_again` is True, then asks :meth:`FeatureSet.finish` for ``{"<set>.<name>":
 float}``.
 
 Adding a metric in your own code::
@@ -140,8 +140,6 @@ class FeatureSet:
     """Base class of a feature set; see the module docstring."""
 
     name: ClassVar[str] = ""
-    #: True when the set needs the tensors a second time (e.g. an exact median).
-    second_pass: ClassVar[bool] = False
     #: Highest central moment the set reads from ``Param.moments`` (0, 2 or 4).
     moment_order: ClassVar[int] = 0
     #: One line per feature pattern, for the docs and ``polymap features``.
@@ -157,8 +155,12 @@ class FeatureSet:
     def add(self, param: Param) -> None:
         raise NotImplementedError
 
+    def wants_again(self, name: str) -> bool:
+        """After the first pass: does the set need tensor ``name`` once more?"""
+        return False
+
     def add_again(self, param: Param) -> None:
-        """Second pass over the same tensors (only when ``second_pass``)."""
+        """Second look at the tensors for which :meth:`wants_again` said True."""
 
     def finish(self) -> dict[str, float]:
         raise NotImplementedError

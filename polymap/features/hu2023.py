@@ -58,7 +58,6 @@ def included(name: str) -> bool:
 @register_feature_set
 class Hu2023(FeatureSet):
     name = "hu2023"
-    second_pass = True
     moment_order = 2
     documentation = {
         "hu2023.l1": "mean over weight matrices of sum |w| (overall weight scale)",
@@ -78,6 +77,7 @@ class Hu2023(FeatureSet):
         self.per_matrix: dict[str, list[float]] = {k: [] for k in MATRIX_METRICS}
         self.moments = {"w": Moments(), "b": Moments()}
         self.medians = {"w": StreamingMedian(), "b": StreamingMedian()}
+        self.included: set[str] = set()
         self.total = 0
         self.nonfinite = 0
 
@@ -95,6 +95,7 @@ class Hu2023(FeatureSet):
         group = self._group(param)
         if group is None:
             return
+        self.included.add(param.name)
         self.total += param.numel
         self.nonfinite += param.nonfinite_count
         values = param.finite_values
@@ -123,6 +124,9 @@ class Hu2023(FeatureSet):
         }
         for key, value in values.items():
             self.per_matrix[key].append(value)
+
+    def wants_again(self, name: str) -> bool:
+        return name in self.included  # the exact median needs a second look
 
     def add_again(self, param: Param) -> None:
         group = self._group(param)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy.linalg import blas, eigvalsh
 
 # WeightWatcher drops eigenvalues below this before fitting the power law.
 EVALS_THRESHOLD = 1e-5
@@ -221,8 +222,6 @@ def gram_eigenvalues(matrix: torch.Tensor) -> torch.Tensor:
 
 
 def _gram_eigenvalues_cpu(matrix: torch.Tensor) -> torch.Tensor:
-    from scipy.linalg import blas, eigvalsh
-
     a = matrix.detach().contiguous().numpy()
     rows, cols = a.shape
     size = min(rows, cols)
