@@ -111,8 +111,9 @@ def extract_checkpoint(
             except CheckpointError as err:
                 config = None
                 warnings.append(str(err))
-            if config is None and not warnings:
-                warnings.append(f"{directory}: config.json missing; architecture from names")
+            else:
+                if config is None:
+                    warnings.append(f"{directory}: config.json missing; architecture from names")
             arch = detect_architecture(config, reader.names())
             if not is_known(arch):
                 kind = (config or {}).get("model_type") or "unrecognised names"

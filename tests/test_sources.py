@@ -60,6 +60,8 @@ def test_steps_filter_and_errors(neox_runs, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SourceError, match="no checkpoint directories"):
         resolve_sources([tmp_path / "empty"])
+    with pytest.raises(SourceError, match="matches steps='99'"):
+        resolve_sources([neox_runs], steps="99")
     with pytest.raises(ValueError, match="cannot parse"):
         resolve_sources([neox_runs], steps="1,x")
 

@@ -107,6 +107,8 @@ def resolve_sources(
                         f"{refs[key].location} and {ref.location}"
                     )
                 refs[key] = ref
+    if not refs and wanted is not None:
+        raise SourceError(f"no checkpoint in {list(map(str, sources))} matches steps={steps!r}")
     return sorted(refs.values(), key=lambda r: (r.run, r.step))
 
 
