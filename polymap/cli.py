@@ -53,27 +53,56 @@ def _features(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from transformers.utils import logging as hf_logging
-
     from polymap.extraction import extract
-    from polymap.synthetic import make_tiny_run
-
-    hf_logging.disable_progress_bar()
+    from polymap.suite import build
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
-    runs = out / "runs"
-    for seed in range(args.seeds):
-        run = runs / f"seed{seed}"
-        if not (run / "step16").exists():
-            print(f"training tiny GPT-NeoX run {run} ...", flush=True)
-            make_tiny_run(run, steps=(0, 1, 2, 4, 8, 16), seed=seed, hidden=64, layers=2)
+    print(f"[1/2] training the built-in suite in {out / 'suite'} (finished runs are reused)")
+    planted = "3,4" if args.seeds >= 5 else str(args.seeds - 1)
+    manifest = build(
+        out / "suite",
+        seeds=f"0-{args.seeds - 1}",
+        steps=args.steps,
+        unstable=planted,
+        jobs=args.jobs,
+    )
+    print("[2/2] extracting features of every checkpoint")
     features = out / "features.parquet"
-    table = extract(runs, out=features, progress=True)
-    cols = ["run", "step", "hu2023.lambda_max", "weights.attn_qkv.rel_dist"]
-    print(table[[c for c in cols if c in table.columns]].to_string(index=False))
+    table = extract(out / "suite", out=features, jobs=1, progress=True)
+    print()
+    for r in manifest["runs"]:
+        tags = ("planted, " if r["planted"] else "") + (
+            f"unstable from step {r['onset_step']}" if r["unstable"] else "stable"
+        )
+        last = table[table["run"] == r["run"]].iloc[-1]
+        print(f"  {r['run']:<14} {tags:<34} hu2023.l2 at the end {last['hu2023.l2']:.3f}")
     return _report(table, features)
+
+
+def _suite(args: argparse.Namespace) -> int:
+    from polymap.suite import build
+
+    manifest = build(
+        args.out,
+        sizes=args.sizes,
+        seeds=args.seeds,
+        steps=args.steps,
+        corpus=args.corpus,
+        vary=args.vary,
+        unstable=args.unstable,
+        jobs=args.jobs,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    runs = manifest["runs"]
+    print(f"{args.out}: {len(runs)} run(s)")
+    for r in runs:
+        tags = ("planted " if r["planted"] else "") + ("UNSTABLE" if r["unstable"] else "")
+        onset = f" onset step {r['onset_step']}" if r["unstable"] else ""
+        print(f"  {r['run']:<16} {tags.strip() or 'stable'}{onset}")
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,12 +130,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_extract)
 
+    p = sub.add_parser("suite", help="train a miniature Pythia-like multi-seed suite")
+    p.add_argument("--out", required=True, help="suite directory")
+    p.add_argument("--sizes", default="nano", help="comma list of pico, nano, micro")
+    p.add_argument("--seeds", default="0-9", help="seed list/ranges, e.g. 0-9 or 1,3,5")
+    p.add_argument("--steps", type=int, default=400, help="training steps per run")
+    p.add_argument("--corpus", default=None, help="text file (default: Python's doc topics)")
+    p.add_argument("--vary", default="seed", choices=["seed", "data", "init"])
+    p.add_argument("--unstable", default="3,4", help="seeds to plant instability in ('' none)")
+    p.add_argument("--jobs", type=int, default=2, help="runs trained in parallel")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (training uses CPU)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_suite)
+
     p = sub.add_parser("features", help="list the feature sets and what each feature means")
     p.set_defaults(func=_features)
 
-    p = sub.add_parser("demo", help="the whole pipeline on tiny built-in runs")
+    p = sub.add_parser("demo", help="the whole pipeline on the built-in suite")
     p.add_argument("--out", default="demo-out", help="output directory")
-    p.add_argument("--seeds", type=int, default=3, help="number of tiny runs")
+    p.add_argument("--seeds", type=int, default=10, help="number of seeds in the suite")
+    p.add_argument("--steps", type=int, default=400, help="training steps per run")
+    p.add_argument("--jobs", type=int, default=2, help="runs trained in parallel")
     p.set_defaults(func=_demo)
     return parser
 
@@ -119,11 +163,12 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     from polymap.checkpoints import SourceError
+    from polymap.suite.corpus import CorpusError
     from polymap.table import TableError, TableLockedError
 
     try:
         return args.func(args)
-    except (SourceError, TableError, TableLockedError, ValueError) as err:
+    except (SourceError, TableError, TableLockedError, CorpusError, ValueError) as err:
         print(f"polymap {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -1,0 +1,315 @@
+"""``polymap suite``: a miniature Pythia-like multi-seed training suite with ground truth.
+
+Real GPT-NeoX models (transformers ``GPTNeoXConfig``: parallel residual, rotary 0.25,
+untied embeddings) at miniature sizes (``pico``, ``nano``, ``micro``), trained with AdamW,
+linear warmup and cosine decay to 10% of the peak, on real English text (Python's
+documentation topics, or ``--corpus``) tokenised with a byte-level BPE trained on it.
+Checkpoints on a Pythia-like schedule as ``DIR/<run>/step<N>/`` (safetensors + tokenizer),
+with ``train_log.csv`` and ``eval_log.csv`` per run and ``DIR/manifest.json``.
+
+The planted instability (``--unstable SEEDS``) is a learning-rate schedule bug whose
+cause is in the configuration from step 0: the cosine decay is configured with half the
+run as its period and a peak 4x the healthy one (``lr_period=0.5``, ``PLANTED_PEAK``), as
+when ``CosineAnnealingLR`` is given too small a ``T_max`` and keeps cycling. Early on the
+larger steps move the weights further than in the healthy runs (a trajectory difference
+but no loss penalty: planted runs are ahead at 25% of training); the rate then hits its
+floor at mid-training and climbs back towards the high peak while the model's curvature
+has grown, and the validation loss turns up in the second half and stays above the
+healthy runs'. Whether a run became unstable is *measured* from its eval log against the
+other runs' (:func:`measure_instability`), not assumed from ``planted``.
+
+>>> from polymap.suite import build
+>>> manifest = build("suite/", seeds=range(10), unstable=[3, 4])    # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import shutil
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from polymap.checkpoints.sources import parse_int_list
+from polymap.suite.corpus import CorpusError, load_corpus
+from polymap.suite.schedule import checkpoint_steps, learning_rate
+from polymap.suite.train import RUN_FILE, SIZES, RunSpec, train_run
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+DATA_FILE = "data.safetensors"
+TOKENIZER_DIR = "tokenizer"
+PLANTED_PEAK = 4.0
+PLANTED_PERIOD = 0.5
+RISE_THRESHOLD = 0.05  # nats of validation loss above its running minimum
+BAND_FLOOR = 0.03  # nats above the other runs' median that count as degraded
+LASTING_CHECKPOINTS = 3
+DEFAULT_UNSTABLE = (3, 4)
+
+__all__ = [
+    "SIZES",
+    "CorpusError",
+    "RunSpec",
+    "SuiteError",
+    "build",
+    "checkpoint_steps",
+    "learning_rate",
+    "measure_instability",
+    "run_specs",
+]
+
+
+class SuiteError(ValueError):
+    """Bad suite arguments, or an output directory holding a different suite."""
+
+
+def _parse_seeds(seeds: str | Iterable[int]) -> list[int]:
+    if isinstance(seeds, str):
+        try:
+            parsed = parse_int_list(seeds)
+        except ValueError as err:
+            raise SuiteError(f"seeds {seeds!r}: {err}") from None
+    else:
+        parsed = [int(s) for s in seeds]
+    if not parsed or any(s < 0 for s in parsed):
+        raise SuiteError(f"seeds {seeds!r}: need one or more non-negative integers")
+    return sorted(set(parsed))
+
+
+def run_specs(
+    sizes: Sequence[str] = ("nano",),
+    seeds: str | Iterable[int] = range(10),
+    steps: int = 400,
+    vary: str = "seed",
+    unstable: str | Iterable[int] = DEFAULT_UNSTABLE,
+    corpus_digest: str = "",
+    vocab_size: int = 512,
+) -> list[RunSpec]:
+    """The runs of a suite, validated (no training, no corpus needed)."""
+    if isinstance(sizes, str):
+        sizes = [s.strip() for s in sizes.split(",") if s.strip()]
+    unknown = [s for s in sizes if s not in SIZES]
+    if unknown or not sizes:
+        raise SuiteError(f"unknown size(s) {unknown or sizes}; available: {sorted(SIZES)}")
+    if vary not in ("seed", "data", "init"):
+        raise SuiteError(f"vary={vary!r} is not one of 'seed', 'data', 'init'")
+    if steps < 20:
+        raise SuiteError(f"steps={steps}: need at least 20")
+    seed_list = _parse_seeds(seeds)
+    planted = set(_parse_seeds(unstable)) if unstable not in ("", None, ()) else set()
+    stray = planted - set(seed_list)
+    if stray:
+        raise SuiteError(f"--unstable seeds {sorted(stray)} are not among --seeds {seed_list}")
+    specs = []
+    for size in sizes:
+        for seed in seed_list:
+            bad = seed in planted
+            specs.append(
+                RunSpec(
+                    name=f"{size}-seed{seed}",
+                    size=size,
+                    seed=seed,
+                    init_seed=seed if vary in ("seed", "init") else 0,
+                    data_seed=seed if vary in ("seed", "data") else 0,
+                    steps=steps,
+                    warmup=max(8, steps // 50),
+                    peak_lr=3e-3 * (PLANTED_PEAK if bad else 1.0),
+                    lr_period=PLANTED_PERIOD if bad else 1.0,
+                    planted=bad,
+                    vocab_size=vocab_size,
+                    corpus=corpus_digest,
+                )
+            )
+    return specs
+
+
+def _read_eval_log(path: Path | str) -> list[tuple[int, float]]:
+    with open(path) as fh:
+        return [(int(r["step"]), float(r["val_loss"])) for r in csv.DictReader(fh)]
+
+
+def measure_instability(
+    eval_log: Path | str,
+    others: Sequence[Path | str] = (),
+    rise: float = RISE_THRESHOLD,
+    band: float = BAND_FLOOR,
+    lasting: int = LASTING_CHECKPOINTS,
+) -> tuple[bool, int | None]:
+    """``(unstable, onset_step)`` of a run from its ``eval_log.csv``.
+
+    Unstable when the validation loss (a) stops being finite, (b) rises more than
+    ``rise`` nats above its own running minimum (a loss spike), or (c) degrades lastingly
+    against ``others`` (the eval logs of the suite's other runs of the same size): above
+    ``median + max(band, 5 * MAD)`` of the other runs at the same step at every one of
+    at least ``lasting`` checkpoints through the end of training. The onset is the first
+    checkpoint of whichever happens first.
+    """
+    rows = _read_eval_log(eval_log)
+    onsets = []
+    best = math.inf
+    for step, loss in rows:
+        if not math.isfinite(loss) or loss > best + rise:
+            onsets.append(step)
+            break
+        best = min(best, loss)
+    curves = [dict(_read_eval_log(o)) for o in others]
+    above = []
+    for step, loss in rows:
+        peers = sorted(c[step] for c in curves if step in c and math.isfinite(c[step]))
+        if len(peers) < 2:
+            above.append(False)
+            continue
+        median = (
+            peers[len(peers) // 2]
+            if len(peers) % 2
+            else sum(peers[len(peers) // 2 - 1 : len(peers) // 2 + 1]) / 2
+        )
+        mad = sorted(abs(p - median) for p in peers)[len(peers) // 2]
+        above.append(loss > median + max(band, 5 * mad))
+    tail = 0
+    while tail < len(above) and above[len(above) - 1 - tail]:
+        tail += 1
+    if tail >= lasting:
+        onsets.append(rows[len(rows) - tail][0])
+    return (True, min(onsets)) if onsets else (False, None)
+
+
+def _check_existing(out: Path, specs: list[RunSpec]) -> None:
+    for spec in specs:
+        saved = out / spec.name / RUN_FILE
+        if saved.exists():
+            previous = json.loads(saved.read_text())
+            if previous != json.loads(json.dumps(asdict(spec))):
+                changed = sorted(k for k in previous if previous.get(k) != asdict(spec).get(k))
+                raise SuiteError(
+                    f"{out / spec.name} holds a different run (differs in {changed}); "
+                    "use another --out or remove it"
+                )
+    manifest = out / MANIFEST
+    if manifest.exists():
+        try:
+            suite = json.loads(manifest.read_text()).get("suite", {})
+        except ValueError as err:
+            raise SuiteError(f"{manifest}: unreadable ({err})") from err
+        digest = specs[0].corpus
+        if suite.get("corpus") not in (None, digest):
+            raise SuiteError(f"{out} holds a suite built on another corpus; use another --out")
+
+
+def _train_worker(spec: RunSpec, out: str) -> str:
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    data = load_file(Path(out) / DATA_FILE)
+    tokenizer = AutoTokenizer.from_pretrained(Path(out) / TOKENIZER_DIR)
+    return str(train_run(spec, Path(out), data["train"], data["validation"], tokenizer))
+
+
+def build(
+    out: str | Path,
+    sizes: Sequence[str] | str = ("nano",),
+    seeds: str | Iterable[int] = range(10),
+    steps: int = 400,
+    corpus: str | Path | None = None,
+    vary: str = "seed",
+    unstable: str | Iterable[int] = DEFAULT_UNSTABLE,
+    jobs: int = 1,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict:
+    """Build (or finish) a suite in ``out``; returns the manifest.
+
+    Finished runs are kept; a run interrupted mid-way (``<run>.partial``) is retrained
+    from scratch. Every argument is checked before any training starts. Training runs
+    on the CPU, one thread per run, so checkpoints are bit-identical for the same
+    command on the same machine whatever ``jobs`` is (``device`` is accepted for the
+    CLI contract; at these sizes a GPU brings no speed-up and breaks bit-identity).
+    """
+    from safetensors.torch import save_file
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise SuiteError(f"device={device!r} is not one of 'auto', 'cpu', 'cuda'")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SuiteError(f"--out {out} exists and is not a directory")
+    run_specs(sizes, seeds, steps, vary, unstable)  # validate before reading the corpus
+    data = load_corpus(corpus)
+    specs = run_specs(sizes, seeds, steps, vary, unstable, data.digest, data.vocab_size)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_existing(out, specs)
+    save_file({"train": data.train, "validation": data.validation}, out / DATA_FILE)
+    data.tokenizer.save_pretrained(out / TOKENIZER_DIR)
+    for partial in out.glob("*.partial"):
+        shutil.rmtree(partial)
+    todo = [s for s in specs if not (out / s.name / RUN_FILE).exists()]
+    bar = tqdm(
+        total=len(specs),
+        initial=len(specs) - len(todo),
+        desc="suite",
+        unit="run",
+        disable=not progress,
+    )
+    with bar:
+        if jobs <= 1:
+            for spec in todo:
+                bar.set_postfix_str(spec.name)
+                train_run(spec, out, data.train, data.validation, data.tokenizer)
+                bar.update()
+        else:
+            ctx = mp.get_context("spawn")
+            with ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+                futures = {pool.submit(_train_worker, s, str(out)): s for s in todo}
+                for future in as_completed(futures):
+                    future.result()
+                    bar.set_postfix_str(futures[future].name)
+                    bar.update()
+    return write_manifest(out, specs, data.digest)
+
+
+def write_manifest(out: Path, specs: list[RunSpec], digest: str) -> dict:
+    """Measure every run's stability from its logs and write ``manifest.json``."""
+    runs = []
+    previous = {}
+    if (out / MANIFEST).exists():
+        previous = {r["run"]: r for r in json.loads((out / MANIFEST).read_text())["runs"]}
+    names = {s.name for s in specs}
+    logs = {s.name: out / s.name / "eval_log.csv" for s in specs}
+    for spec in specs:
+        peers = [logs[o.name] for o in specs if o.size == spec.size and o.name != spec.name]
+        unstable, onset = measure_instability(logs[spec.name], peers)
+        runs.append(
+            {
+                "run": spec.name,
+                "seed": spec.seed,
+                "size": spec.size,
+                "config": asdict(spec),
+                "planted": spec.planted,
+                "unstable": unstable,
+                "onset_step": onset,
+            }
+        )
+    runs.extend(r for name, r in previous.items() if name not in names)
+    runs.sort(key=lambda r: r["run"])
+    manifest = {
+        "suite": {
+            "corpus": digest,
+            "rise_threshold": RISE_THRESHOLD,
+            "band_floor": BAND_FLOOR,
+            "torch": torch.__version__,
+        },
+        "runs": runs,
+    }
+    tmp = out / f".{MANIFEST}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out / MANIFEST)
+    return manifest

@@ -1,0 +1,171 @@
+"""Train one miniature Pythia-style run and write its checkpoints and logs.
+
+A run is fully described by a :class:`RunSpec`; the same spec gives bit-identical
+checkpoints on the same machine (one CPU thread per run, seeded initialisation and data
+order, deterministic kernels). The run is written to ``<run>.partial/`` and renamed to
+``<run>/`` when finished, so an interrupted suite never leaves a half run that looks done.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from polymap.suite.schedule import checkpoint_steps, learning_rate
+
+SIZES = {  # name: (hidden, layers, heads)
+    "pico": (32, 2, 2),
+    "nano": (64, 2, 4),
+    "micro": (128, 4, 4),
+}
+RUN_FILE = "run.json"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything that determines one run.
+
+    Planted runs (``planted``) carry the defect documented in :mod:`polymap.suite`: a
+    cosine schedule whose period is too short (``lr_period`` < 1, see
+    :func:`~polymap.suite.schedule.learning_rate`) with a higher peak.
+    """
+
+    name: str
+    size: str
+    seed: int
+    init_seed: int
+    data_seed: int
+    steps: int = 400
+    batch: int = 16
+    seq_len: int = 64
+    peak_lr: float = 3e-3
+    warmup: int = 8
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    lr_period: float = 1.0
+    planted: bool = False
+    vocab_size: int = 512
+    corpus: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def model_config(self):
+        from transformers import GPTNeoXConfig
+
+        hidden, layers, heads = SIZES[self.size]
+        return GPTNeoXConfig(
+            vocab_size=self.vocab_size,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=4 * hidden,
+            rotary_pct=0.25,
+            use_parallel_residual=True,
+            tie_word_embeddings=False,
+            max_position_embeddings=max(128, self.seq_len),
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+            attn_implementation="eager",
+        )
+
+
+def _batches(ids: torch.Tensor, spec: RunSpec):
+    gen = torch.Generator().manual_seed(10_000 + spec.data_seed)
+    high = ids.numel() - spec.seq_len - 1
+    while True:
+        starts = torch.randint(0, high, (spec.batch,), generator=gen)
+        yield torch.stack([ids[s : s + spec.seq_len] for s in starts.tolist()])
+
+
+def _validation_batches(ids: torch.Tensor, spec: RunSpec, count: int = 128) -> torch.Tensor:
+    n = min(count, (ids.numel() - 1) // spec.seq_len)
+    return ids[: n * spec.seq_len].view(n, spec.seq_len)
+
+
+@torch.no_grad()
+def _validation_loss(model, val: torch.Tensor) -> float:
+    model.eval()
+    losses = [float(model(input_ids=b, labels=b).loss) for b in val.split(32)]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def train_run(
+    spec: RunSpec,
+    out: Path,
+    train_ids: torch.Tensor,
+    val_ids: torch.Tensor,
+    tokenizer,
+    on_step=None,
+) -> Path:
+    """Train ``spec`` and write ``out/<name>/``; returns that directory."""
+    from transformers import GPTNeoXForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    final = out / spec.name
+    partial = out / f"{spec.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+
+    torch.manual_seed(spec.init_seed)
+    model = GPTNeoXForCausalLM(spec.model_config())
+    model.train()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": spec.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=spec.peak_lr, betas=(0.9, 0.95), eps=1e-8)
+    saves = set(checkpoint_steps(spec.steps))
+    val = _validation_batches(val_ids, spec)
+    batches = _batches(train_ids, spec)
+    tokens_per_step = spec.batch * spec.seq_len
+    train_log = [("step", "loss", "lr", "grad_norm", "tokens")]
+    eval_log = [("step", "val_loss")]
+    for step in range(spec.steps + 1):
+        if step in saves:
+            directory = partial / f"step{step}"
+            model.save_pretrained(directory)
+            tokenizer.save_pretrained(directory)
+            eval_log.append((step, _validation_loss(model, val)))
+        if step == spec.steps:
+            break
+        lr = learning_rate(step, spec.steps, spec.peak_lr, spec.warmup, spec.lr_period)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        ids = next(batches)
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad(set_to_none=True)
+        if math.isfinite(float(loss.detach())):
+            loss.backward()
+            norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip))
+            if math.isfinite(norm):
+                opt.step()  # a non-finite step is skipped, as large-scale trainers do
+        else:
+            norm = math.nan
+        train_log.append((step + 1, float(loss.detach()), lr, norm, (step + 1) * tokens_per_step))
+        if on_step is not None:
+            on_step()
+    _write_csv(partial / "train_log.csv", train_log)
+    _write_csv(partial / "eval_log.csv", eval_log)
+    (partial / RUN_FILE).write_text(json.dumps(asdict(spec), indent=1, sort_keys=True))
+    shutil.rmtree(final, ignore_errors=True)
+    partial.rename(final)
+    return final
+
+
+def _write_csv(path: Path, rows: list[tuple]) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        for row in rows:
+            writer.writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])

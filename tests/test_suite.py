@@ -1,0 +1,141 @@
+"""polymap suite: layout, schedule, determinism, loading, resumption and bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import pytest
+
+import polymap
+from polymap.cli import main
+from polymap.suite import (
+    SuiteError,
+    build,
+    checkpoint_steps,
+    learning_rate,
+    measure_instability,
+)
+from polymap.suite.corpus import CorpusError
+
+SMALL = {"sizes": "pico", "seeds": "0-2", "steps": 24, "unstable": "2", "progress": False}
+
+
+@pytest.fixture(scope="session")
+def small_suite(tmp_path_factory):
+    out = tmp_path_factory.mktemp("suite") / "s"
+    build(out, **SMALL)
+    return out
+
+
+def test_schedule():
+    steps = checkpoint_steps(400)
+    assert steps[0] == 0 and steps[-1] == 400 and 25 <= len(steps) <= 40
+    assert steps[1:5] == [1, 2, 4, 8]
+    gaps = {b - a for a, b in zip(steps[5:-2], steps[6:-1], strict=True)}
+    assert gaps == {13}
+    assert learning_rate(9, 100, 1.0, 10) == pytest.approx(1.0)
+    assert learning_rate(100, 100, 1.0, 10) == pytest.approx(0.1)
+    assert learning_rate(55, 100, 1.0, 10, period=0.5) == pytest.approx(0.1)
+    assert learning_rate(100, 100, 1.0, 10, period=0.5) == pytest.approx(1.0)
+
+
+def test_layout_logs_and_manifest(small_suite):
+    manifest = json.loads((small_suite / "manifest.json").read_text())
+    runs = {r["run"]: r for r in manifest["runs"]}
+    assert sorted(runs) == ["pico-seed0", "pico-seed1", "pico-seed2"]
+    assert [runs[r]["planted"] for r in sorted(runs)] == [False, False, True]
+    assert runs["pico-seed2"]["config"]["lr_period"] == 0.5
+    expected = checkpoint_steps(24)
+    for name in runs:
+        dirs = sorted(int(p.name[4:]) for p in (small_suite / name).glob("step*"))
+        assert dirs == expected
+        with open(small_suite / name / "train_log.csv") as fh:
+            rows = list(csv.DictReader(fh))
+        assert [int(r["step"]) for r in rows] == list(range(1, 25))
+        assert set(rows[0]) == {"step", "loss", "lr", "grad_norm", "tokens"}
+        assert int(rows[-1]["tokens"]) == 24 * 16 * 64
+        with open(small_suite / name / "eval_log.csv") as fh:
+            assert [int(r["step"]) for r in csv.DictReader(fh)] == expected
+        assert not list(small_suite.glob("*.partial"))
+
+
+def test_checkpoints_load_offline_and_extract(small_suite, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ckpt = small_suite / "pico-seed0" / "step24"
+    model = AutoModelForCausalLM.from_pretrained(ckpt)
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    ids = tokenizer("def f(x): return x", return_tensors="pt").input_ids
+    assert model.config.model_type == "gpt_neox" and model.config.use_parallel_residual
+    assert model.config.rope_parameters["partial_rotary_factor"] == 0.25  # Pythia's rotary_pct
+    assert not model.config.tie_word_embeddings
+    assert model(ids).logits.shape[-1] == len(tokenizer)
+    table = polymap.extract(small_suite, features="hu2023", device="cpu", progress=False)
+    assert len(table) == 3 * len(checkpoint_steps(24))
+    assert (table["status"] == "ok").all()
+
+
+def test_bit_identical_and_independent_of_jobs(small_suite, tmp_path):
+    other = tmp_path / "again"
+    build(other, jobs=2, **SMALL)
+    for path in small_suite.glob("*/step*/model.safetensors"):
+        twin = other / path.relative_to(small_suite)
+        assert path.read_bytes() == twin.read_bytes(), path
+
+
+def test_resume_keeps_finished_runs_and_restarts_partial(small_suite, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(small_suite, out)
+    kept = out / "pico-seed0" / "step24" / "model.safetensors"
+    mtime = kept.stat().st_mtime_ns
+    shutil.rmtree(out / "pico-seed1")
+    (out / "pico-seed1.partial" / "step0").mkdir(parents=True)  # an interrupted run
+    build(out, **SMALL)
+    assert kept.stat().st_mtime_ns == mtime
+    assert not (out / "pico-seed1.partial").exists()
+    rebuilt = out / "pico-seed1" / "step24" / "model.safetensors"
+    original = small_suite / "pico-seed1" / "step24" / "model.safetensors"
+    assert rebuilt.read_bytes() == original.read_bytes()
+
+
+def test_bad_input_fails_before_training(tmp_path, small_suite):
+    with pytest.raises(SuiteError, match=r"unknown size\(s\) \['giga'\]"):
+        build(tmp_path / "a", sizes="giga", progress=False)
+    with pytest.raises(SuiteError, match="seeds '1,x'"):
+        build(tmp_path / "a", seeds="1,x", progress=False)
+    with pytest.raises(SuiteError, match=r"--unstable seeds \[7\] are not among"):
+        build(tmp_path / "a", seeds="0-3", unstable="7", progress=False)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n\n ")
+    with pytest.raises(CorpusError, match="empty"):
+        build(tmp_path / "a", corpus=empty, progress=False)
+    with pytest.raises(CorpusError, match="cannot read"):
+        build(tmp_path / "a", corpus=tmp_path / "missing.txt", progress=False)
+    with pytest.raises(SuiteError, match="holds a different run"):
+        build(small_suite, **{**SMALL, "steps": 30})
+    assert not (tmp_path / "a").exists() or not any((tmp_path / "a").glob("pico-*"))
+    assert main(["suite", "--out", str(tmp_path / "b"), "--sizes", "giga", "-q"]) == 2
+
+
+def test_measure_instability(tmp_path):
+    log = tmp_path / "eval_log.csv"
+    log.write_text("step,val_loss\n0,6.0\n10,5.0\n20,4.5\n30,4.52\n40,4.6\n50,4.4\n")
+    assert measure_instability(log) == (True, 40)
+    log.write_text("step,val_loss\n0,6.0\n10,5.0\n20,4.5\n30,4.52\n")
+    assert measure_instability(log) == (False, None)
+    log.write_text("step,val_loss\n0,6.0\n10,nan\n")
+    assert measure_instability(log) == (True, 10)
+
+
+def test_demo_reduced_configuration(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--seeds", "3", "--steps", "24", "--jobs", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "nano-seed2     planted" in printed
+    table = polymap.read_table(out / "features.parquet")
+    assert len(table) == 3 * len(checkpoint_steps(24)) and (table["status"] == "ok").all()
+    # A second run reuses the suite and the table.
+    assert main(["demo", "--out", str(out), "--seeds", "3", "--steps", "24", "--jobs", "1"]) == 0
