@@ -11,8 +11,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from polymap.suite.schedule import checkpoint_steps, learning_rate
 SIZES = {  # name: (hidden, layers, heads)
     "pico": (32, 2, 2),
     "nano": (64, 2, 4),
-    "micro": (128, 4, 4),
+    "micro": (96, 3, 4),
 }
 RUN_FILE = "run.json"
 
@@ -52,7 +53,6 @@ class RunSpec:
     planted: bool = False
     vocab_size: int = 512
     corpus: str = ""
-    extra: dict = field(default_factory=dict)
 
     def model_config(self):
         from transformers import GPTNeoXConfig
@@ -103,21 +103,30 @@ def train_run(
     val_ids: torch.Tensor,
     tokenizer,
     on_step=None,
+    device: str = "cpu",
 ) -> Path:
-    """Train ``spec`` and write ``out/<name>/``; returns that directory."""
+    """Train ``spec`` and write ``out/<name>/``; returns that directory.
+
+    On the CPU (the default) a run uses one thread and is bit-identical on the same
+    machine. ``device="cuda"`` trains on the GPU with deterministic kernels requested
+    (reproducible on the same GPU and software, not identical to the CPU run).
+    ``on_step(step)`` is called after every optimizer step (for progress bars).
+    """
     from transformers import GPTNeoXForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    if device.startswith("cuda"):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(True, warn_only=device.startswith("cuda"))
     final = out / spec.name
     partial = out / f"{spec.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
 
     torch.manual_seed(spec.init_seed)
-    model = GPTNeoXForCausalLM(spec.model_config())
+    model = GPTNeoXForCausalLM(spec.model_config()).to(device)
     model.train()
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -127,7 +136,7 @@ def train_run(
     ]
     opt = torch.optim.AdamW(groups, lr=spec.peak_lr, betas=(0.9, 0.95), eps=1e-8)
     saves = set(checkpoint_steps(spec.steps))
-    val = _validation_batches(val_ids, spec)
+    val = _validation_batches(val_ids, spec).to(device)
     batches = _batches(train_ids, spec)
     tokens_per_step = spec.batch * spec.seq_len
     train_log = [("step", "loss", "lr", "grad_norm", "tokens")]
@@ -143,7 +152,7 @@ def train_run(
         lr = learning_rate(step, spec.steps, spec.peak_lr, spec.warmup, spec.lr_period)
         for group in opt.param_groups:
             group["lr"] = lr
-        ids = next(batches)
+        ids = next(batches).to(device)
         loss = model(input_ids=ids, labels=ids).loss
         opt.zero_grad(set_to_none=True)
         if math.isfinite(float(loss.detach())):
@@ -155,7 +164,7 @@ def train_run(
             norm = math.nan
         train_log.append((step + 1, float(loss.detach()), lr, norm, (step + 1) * tokens_per_step))
         if on_step is not None:
-            on_step()
+            on_step(step + 1)
     _write_csv(partial / "train_log.csv", train_log)
     _write_csv(partial / "eval_log.csv", eval_log)
     (partial / RUN_FILE).write_text(json.dumps(asdict(spec), indent=1, sort_keys=True))
