@@ -105,6 +105,51 @@ def _suite(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _fit(args: argparse.Namespace) -> int:
+    from polymap.phases import describe, fit_model_dir
+    from polymap.table import read_table
+
+    states = args.states if args.states == "auto" else _positive_int(args.states, "--states")
+    models = fit_model_dir(
+        read_table(args.features_table),
+        args.out,
+        group_by=args.group_by,
+        n_states=states,
+        restarts=args.restarts,
+        covariance=args.covariance,
+        features=args.features,
+        log_transform=args.log,
+        scale=args.scale,
+        n_jobs=args.jobs,
+        random_state=args.seed,
+    )
+    for name, model in models.items():
+        label = f"[{name}] " if name else ""
+        print(f"{label}K={model.n_states_}: {model.reason_}")
+    print(f"wrote {args.out}")
+    if not args.quiet:
+        print()
+        print(describe(args.out))
+    return EXIT_OK
+
+
+def _describe(args: argparse.Namespace) -> int:
+    from polymap.phases import describe
+
+    print(describe(args.model_dir))
+    return EXIT_OK
+
+
+def _positive_int(text: str, flag: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: expected 'auto' or a positive integer") from None
+    if value < 1:
+        raise ValueError(f"{flag} {value}: must be at least 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="polymap", description="Map training runs and flag the ones that will go wrong."
@@ -129,6 +174,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_extract)
+
+    p = sub.add_parser("fit", help="fit the HMM training map (latent phases) over all runs")
+    p.add_argument("features_table", metavar="FEATURES.parquet")
+    p.add_argument("--out", required=True, help="MODEL_DIR")
+    p.add_argument("--states", default="auto", help="auto (select K in 1..8) or K")
+    p.add_argument("--restarts", type=int, default=5, help="seeded restarts per K")
+    p.add_argument("--features", default=None, help="sets or columns (default hu2023)")
+    p.add_argument("--group-by", default=None, help="fit one model per value of this column")
+    p.add_argument("--covariance", default="diag", choices=["diag", "full"])
+    p.add_argument("--scale", default="global", choices=["global", "per-run"])
+    p.add_argument("--log", action="store_true", help="log positive heavy-tailed features")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--jobs", type=int, default=1, help="parallel fits (joblib)")
+    p.add_argument("-q", "--quiet", action="store_true", help="do not print the map")
+    p.set_defaults(func=_fit)
+
+    p = sub.add_parser("describe", help="print a fitted training map")
+    p.add_argument("model_dir", metavar="MODEL_DIR")
+    p.set_defaults(func=_describe)
 
     p = sub.add_parser("suite", help="train a miniature Pythia-like multi-seed suite")
     p.add_argument("--out", required=True, help="suite directory")
@@ -163,12 +227,21 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     from polymap.checkpoints import SourceError
+    from polymap.phases import PhaseInputError
     from polymap.suite.corpus import CorpusError
     from polymap.table import TableError, TableLockedError
 
     try:
         return args.func(args)
-    except (SourceError, TableError, TableLockedError, CorpusError, ValueError) as err:
+    except (
+        SourceError,
+        TableError,
+        TableLockedError,
+        CorpusError,
+        PhaseInputError,
+        FileNotFoundError,
+        ValueError,
+    ) as err:
         print(f"polymap {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
 

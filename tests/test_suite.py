@@ -139,3 +139,14 @@ def test_demo_reduced_configuration(tmp_path, capsys):
     assert len(table) == 3 * len(checkpoint_steps(24)) and (table["status"] == "ok").all()
     # A second run reuses the suite and the table.
     assert main(["demo", "--out", str(out), "--seeds", "3", "--steps", "24", "--jobs", "1"]) == 0
+
+
+def test_training_map_on_a_suite(small_suite, tmp_path, capsys):
+    features = tmp_path / "f.parquet"
+    polymap.extract(small_suite, out=features, features="hu2023", device="cpu", progress=False)
+    out = tmp_path / "model"
+    assert main(["fit", str(features), "--out", str(out), "--restarts", "2", "-q"]) == 0
+    capsys.readouterr()
+    assert main(["describe", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "Why K=" in text and "held-out log-likelihood" in text and "state 0" in text

@@ -1,0 +1,297 @@
+"""``PhaseModel``: latent training phases across runs, scikit-learn style.
+
+The HMM is over *checkpoint order*: one observation per checkpoint, rows of each run
+ordered by step, transitions between consecutive checkpoints whatever their spacing in
+steps (Pythia's log-spaced early checkpoints and 1,000-step later ones count alike). A
+state's step range and the transition counts in the training map are reported in steps
+so this stays visible.
+
+Examples
+--------
+>>> from polymap.phases import PhaseModel
+>>> model = PhaseModel(n_states="auto", random_state=0).fit("features.parquet")  # doctest: +SKIP
+>>> model.predict(table).head()                                                    # doctest: +SKIP
+>>> model.save("model/"); PhaseModel.load("model/")                                # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from polymap.phases.preprocess import (
+    PhaseInputError,
+    Preprocessor,
+    complete_rows,
+    usable_rows,
+)
+from polymap.phases.selection import choose_k, select
+
+log = logging.getLogger(__name__)
+FORMAT = "polymap.PhaseModel"
+FORMAT_VERSION = 1
+COVARIANCES = ("diag", "full")
+
+
+def _as_table(table: pd.DataFrame | str | Path) -> pd.DataFrame:
+    if isinstance(table, (str, Path)):
+        from polymap.table import read_table
+
+        return read_table(table)
+    return table
+
+
+def _lengths(table: pd.DataFrame) -> list[int]:
+    return table.groupby("run", sort=False).size().tolist()
+
+
+class PhaseModel:
+    """Gaussian HMM of training phases over all runs, with model selection.
+
+    Parameters
+    ----------
+    n_states : "auto" or int
+        ``"auto"`` selects K in ``states_range`` by run-level cross-validation (see
+        :mod:`polymap.phases.selection`); an int forces K.
+    states_range : tuple of int
+        Candidate K for ``"auto"`` (default 1..8).
+    restarts : int
+        Seeded restarts per K.
+    covariance : {"diag", "full"}
+    features : str or list, optional
+        Feature sets or columns (default: ``hu2023`` when present, else all).
+    log_transform : bool
+        Log positive heavy-tailed columns before scaling.
+    scale : {"global", "per-run"}
+    n_folds, n_iter, tol, n_jobs, random_state
+        Cross-validation folds (by run), EM limits, joblib workers, seed.
+
+    Attributes
+    ----------
+    n_states_ : int
+    hmm_ : hmmlearn.hmm.GaussianHMM (canonical state order)
+    preprocessor_ : Preprocessor
+    selection_ : pandas.DataFrame
+    reason_ : str
+    """
+
+    def __init__(
+        self,
+        n_states: str | int = "auto",
+        states_range: tuple[int, ...] = tuple(range(1, 9)),
+        restarts: int = 5,
+        covariance: str = "diag",
+        features: str | list[str] | None = None,
+        log_transform: bool = False,
+        scale: str = "global",
+        n_folds: int = 5,
+        n_iter: int = 200,
+        tol: float = 1e-4,
+        n_jobs: int = 1,
+        random_state: int = 0,
+    ):
+        self.n_states = n_states
+        self.states_range = states_range
+        self.restarts = restarts
+        self.covariance = covariance
+        self.features = features
+        self.log_transform = log_transform
+        self.scale = scale
+        self.n_folds = n_folds
+        self.n_iter = n_iter
+        self.tol = tol
+        self.n_jobs = n_jobs
+        self.random_state = random_state
+
+    # -- fitting -----------------------------------------------------------------------
+    def _validate(self) -> list[int]:
+        if self.covariance not in COVARIANCES:
+            raise ValueError(f"covariance={self.covariance!r} is not one of {COVARIANCES}")
+        if self.n_states == "auto":
+            ks = sorted({int(k) for k in self.states_range})
+        elif isinstance(self.n_states, (int, np.integer)) and self.n_states >= 1:
+            ks = [int(self.n_states)]
+        else:
+            raise ValueError(f"n_states={self.n_states!r} must be 'auto' or a positive int")
+        if self.restarts < 1:
+            raise ValueError(f"restarts={self.restarts} must be at least 1")
+        return ks
+
+    def fit(self, table: pd.DataFrame | str | Path) -> PhaseModel:
+        """Fit on a FeatureTable (DataFrame or Parquet path); returns ``self``."""
+        ks = self._validate()
+        table = usable_rows(_as_table(table))
+        pre = Preprocessor.fit(table, self.features, self.log_transform, self.scale)
+        table, X = complete_rows(table, pre.transform(table))
+        lengths = _lengths(table)
+        if len(X) == 0:
+            raise PhaseInputError("no complete rows left to fit")
+        if max(ks) > len(X) and self.n_states != "auto":
+            raise PhaseInputError(
+                f"n_states={max(ks)} but only {len(X)} checkpoint(s): need at least one per state"
+            )
+        ks = [k for k in ks if k <= len(X)]
+        if len(lengths) < 2:
+            log.warning("one run only: no run-level validation; K is chosen by BIC")
+        if min(lengths) == 1:
+            log.warning("some runs have a single checkpoint: they inform no transition")
+        rows, best = select(
+            X,
+            lengths,
+            ks,
+            self.restarts,
+            self.covariance,
+            self.n_iter,
+            self.tol,
+            self.n_folds,
+            self.random_state,
+            self.n_jobs,
+        )
+        if len(ks) == 1:
+            if ks[0] not in best:
+                raise PhaseInputError(f"every fit with K={ks[0]} was degenerate")
+            k, reason = ks[0], f"K={ks[0]} was forced (--states {ks[0]})"
+        else:
+            k, reason = choose_k(rows, best)
+        chosen = best[k]
+        for row in rows:
+            row["chosen"] = row["k"] == k and row["seed"] == chosen.seed
+        self.hmm_ = _canonical(chosen.model, X, lengths)
+        self.preprocessor_ = pre
+        self.n_states_ = k
+        self.selection_ = pd.DataFrame(rows)
+        self.reason_ = reason
+        self.n_degenerate_ = int(self.selection_["degenerate"].sum())
+        self.n_not_converged_ = int((~self.selection_["converged"]).sum())
+        self.train_runs_ = table["run"].unique().tolist()
+        self.train_table_ = table
+        return self
+
+    # -- inference ---------------------------------------------------------------------
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "hmm_"):
+            raise RuntimeError("this PhaseModel is not fitted yet; call fit() or load()")
+
+    def _prepare(self, table) -> tuple[pd.DataFrame, np.ndarray, list[int]]:
+        self._check_fitted()
+        table = usable_rows(_as_table(table))
+        table, X = complete_rows(table, self.preprocessor_.transform(table))
+        if len(X) == 0:
+            raise PhaseInputError("no complete rows to predict")
+        return table, X, _lengths(table)
+
+    def predict(self, table: pd.DataFrame | str | Path) -> pd.DataFrame:
+        """Viterbi paths: ``run, step, state``."""
+        table, X, lengths = self._prepare(table)
+        _, states = self.hmm_.decode(X, lengths)
+        return pd.DataFrame({"run": table["run"], "step": table["step"], "state": states})
+
+    def predict_proba(self, table: pd.DataFrame | str | Path) -> pd.DataFrame:
+        """Posterior state probabilities: ``run, step, p0, p1, ...``."""
+        table, X, lengths = self._prepare(table)
+        post = self.hmm_.predict_proba(X, lengths)
+        out = pd.DataFrame(post, columns=[f"p{i}" for i in range(post.shape[1])])
+        out.insert(0, "step", table["step"].to_numpy())
+        out.insert(0, "run", table["run"].to_numpy())
+        return out
+
+    def score(self, table: pd.DataFrame | str | Path) -> float:
+        """Mean log-likelihood per checkpoint."""
+        _, X, lengths = self._prepare(table)
+        return float(self.hmm_.score(X, lengths)) / len(X)
+
+    def score_checkpoints(self, table: pd.DataFrame | str | Path) -> pd.DataFrame:
+        """Per-checkpoint ``log p(x_t | x_1..x_{t-1})`` of each run (the forward
+        algorithm's normalisers; they sum to the run's log-likelihood)."""
+        table, X, lengths = self._prepare(table)
+        out, start = [], 0
+        for n in lengths:
+            out.extend(forward_increments(self.hmm_, X[start : start + n]))
+            start += n
+        return pd.DataFrame({"run": table["run"], "step": table["step"], "loglik": out})
+
+    # -- persistence -------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        """Write ``model.json`` + ``arrays.npz`` (no pickles) and ``selection.csv``."""
+        from polymap.phases.io import save_model
+
+        self._check_fitted()
+        return save_model(self, Path(directory))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> PhaseModel:
+        from polymap.phases.io import load_model
+
+        return load_model(cls, Path(directory))
+
+
+def _canonical(model, X: np.ndarray, lengths: list[int]):
+    """Relabel states by the mean relative position of their first visit over runs
+    (state 0 is where training starts); never-visited states go last by mean."""
+    _, states = model.decode(X, lengths)
+    k = model.n_components
+    first = {s: [] for s in range(k)}
+    start = 0
+    for n in lengths:
+        path = states[start : start + n]
+        for s in range(k):
+            hits = np.flatnonzero(path == s)
+            if hits.size:
+                first[s].append(hits[0] / max(1, n - 1))
+        start += n
+    key = [
+        (np.mean(first[s]) if first[s] else math.inf, float(model.means_[s].sum()))
+        for s in range(k)
+    ]
+    order = sorted(range(k), key=lambda s: key[s])
+    return permute_states(model, order)
+
+
+def permute_states(model, order: list[int]):
+    """The same HMM with state ``order[i]`` renamed ``i``."""
+    order = np.asarray(order)
+    diag = model.covariance_type == "diag"
+    covars = model.covars_[order]
+    model.startprob_ = model.startprob_[order]
+    model.transmat_ = model.transmat_[np.ix_(order, order)]
+    model.means_ = model.means_[order]
+    model.covars_ = np.array([np.diag(c) for c in covars]) if diag else covars
+    return model
+
+
+def emission_loglik(model, X: np.ndarray) -> np.ndarray:
+    """``log N(x_t; mu_k, Sigma_k)`` for every row and state, shape (n, K)."""
+    from scipy.stats import multivariate_normal
+
+    if model.covariance_type == "diag":
+        var = np.array([np.diag(c) for c in model.covars_])  # (K, D)
+        diff = X[:, None, :] - model.means_[None, :, :]
+        return -0.5 * (np.log(2 * np.pi * var).sum(axis=1)[None, :] + (diff**2 / var).sum(axis=2))
+    return np.stack(
+        [
+            multivariate_normal(m, c, allow_singular=True).logpdf(X)
+            for m, c in zip(model.means_, model.covars_, strict=True)
+        ],
+        axis=-1,
+    ).reshape(len(X), -1)
+
+
+def forward_increments(model, X: np.ndarray) -> np.ndarray:
+    """``log p(x_t | x_<t)`` for t = 1..n under ``model`` (forward algorithm)."""
+    from scipy.special import logsumexp
+
+    emissions = emission_loglik(model, X)
+    with np.errstate(divide="ignore"):
+        log_start, log_trans = np.log(model.startprob_), np.log(model.transmat_)
+    out = np.empty(len(X))
+    alpha = log_start + emissions[0]
+    for t in range(len(X)):
+        if t:
+            alpha = logsumexp(alpha[:, None] + log_trans, axis=0) + emissions[t]
+        out[t] = logsumexp(alpha)
+        alpha = alpha - out[t]
+    return out
