@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", default="global", choices=["global", "per-run"])
     p.add_argument("--log", action="store_true", help="log positive heavy-tailed features")
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--jobs", type=int, default=1, help="parallel fits (joblib)")
+    p.add_argument("--jobs", type=int, default=-1, help="parallel fits (joblib; -1 = all cores)")
     p.add_argument("-q", "--quiet", action="store_true", help="do not print the map")
     p.set_defaults(func=_fit)
 
