@@ -46,22 +46,16 @@ SIZES = {  # Pythia shapes (hidden, layers, heads)
 
 def build(size: str, directory: Path) -> Path:
     import torch
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from transformers import GPTNeoXForCausalLM
+
+    from polymap.synthetic import pythia_config
 
     hidden, layers, heads = SIZES[size]
     path = directory / f"pythia-{size}-shaped"
     if (path / "model.safetensors").exists():
         return path
     torch.manual_seed(0)
-    config = GPTNeoXConfig(
-        vocab_size=50304,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=4 * hidden,
-        rotary_pct=0.25,
-        tie_word_embeddings=False,
-    )
+    config = pythia_config(hidden, layers, heads, 50304, 2048)
     GPTNeoXForCausalLM(config).save_pretrained(path)
     return path
 

@@ -18,25 +18,40 @@ import torch
 ARCHS = ("gpt_neox", "gpt2", "llama", "bert")
 
 
+def pythia_config(
+    hidden: int, layers: int, heads: int, vocab: int, max_positions: int = 256, **extra
+):
+    """A Pythia-style GPT-NeoX config: parallel residual, rotary on 25% of each head,
+    untied input and output embeddings, MLP 4x wide.
+
+    >>> pythia_config(64, 2, 4, 512).use_parallel_residual
+    True
+    """
+    from transformers import GPTNeoXConfig
+
+    return GPTNeoXConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+        rotary_pct=0.25,
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
+        max_position_embeddings=max_positions,
+        bos_token_id=0,
+        eos_token_id=0,
+        **extra,
+    )
+
+
 def tiny_config(arch: str = "gpt_neox", hidden: int = 32, layers: int = 2, vocab: int = 128):
     """A transformers config of a few layers for ``arch``."""
-    from transformers import BertConfig, GPT2Config, GPTNeoXConfig, LlamaConfig
+    from transformers import BertConfig, GPT2Config, LlamaConfig
 
     heads = max(1, hidden // 16)
     if arch == "gpt_neox":
-        return GPTNeoXConfig(
-            vocab_size=vocab,
-            hidden_size=hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            intermediate_size=4 * hidden,
-            rotary_pct=0.25,
-            use_parallel_residual=True,
-            tie_word_embeddings=False,
-            max_position_embeddings=256,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
+        return pythia_config(hidden, layers, heads, vocab)
     if arch == "gpt2":
         return GPT2Config(
             vocab_size=vocab,

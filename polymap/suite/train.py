@@ -55,21 +55,15 @@ class RunSpec:
     corpus: str = ""
 
     def model_config(self):
-        from transformers import GPTNeoXConfig
+        from polymap.synthetic import pythia_config
 
         hidden, layers, heads = SIZES[self.size]
-        return GPTNeoXConfig(
-            vocab_size=self.vocab_size,
-            hidden_size=hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            intermediate_size=4 * hidden,
-            rotary_pct=0.25,
-            use_parallel_residual=True,
-            tie_word_embeddings=False,
-            max_position_embeddings=max(128, self.seq_len),
-            bos_token_id=0,
-            eos_token_id=0,
+        return pythia_config(
+            hidden,
+            layers,
+            heads,
+            self.vocab_size,
+            max(128, self.seq_len),
             pad_token_id=0,
             attn_implementation="eager",
         )
