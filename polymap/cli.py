@@ -140,6 +140,90 @@ def _describe(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _read_any_table(path: str):
+    """A Parquet/CSV table, or a suite directory (its runs' eval logs: run, step,
+    val_loss)."""
+    import pandas as pd
+
+    p = Path(path)
+    if p.is_dir():
+        logs = sorted(p.glob("*/eval_log.csv"))
+        if not logs:
+            raise ValueError(f"{p}: a directory without */eval_log.csv files")
+        frames = [pd.read_csv(f).assign(run=f.parent.name) for f in logs]
+        return pd.concat(frames, ignore_index=True)
+    if p.suffix == ".csv":
+        return pd.read_csv(p)
+    return pd.read_parquet(p)  # any table: label metrics need not be feature columns
+
+
+def _model_states(model_dir: str) -> int:
+    from polymap.phases import PhaseModel
+
+    return PhaseModel.load(model_dir).n_states_
+
+
+def _score(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from polymap.scoring import score_paths, score_runs
+
+    if args.paths:
+        scores = score_paths(pd.read_csv(args.paths), args.until_step)
+    else:
+        if not args.features_table or not args.model:
+            raise ValueError("score needs FEATURES.parquet and --model MODEL_DIR (or --paths)")
+        from polymap.table import read_table
+
+        reference = read_table(args.features_table)
+        targets = read_table(args.targets) if args.targets else None
+        scores = score_runs(
+            reference,
+            _model_states(args.model),
+            targets=targets,
+            horizon=args.horizon,
+            until_step=args.until_step,
+            random_state=args.seed,
+        )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    scores.to_csv(args.out, index=False)
+    shown = [c for c in ("run", "risk", "flagged", "first_deviation_step") if c in scores]
+    print(scores[shown].to_string(index=False))
+    print(f"wrote {args.out}")
+    return EXIT_OK
+
+
+def _label(args: argparse.Namespace) -> int:
+    from polymap.scoring import label_runs
+
+    table = _read_any_table(args.table)
+    direction = {"auto": None, "higher": True, "lower": False}[args.better]
+    labels = label_runs(table, args.metric, after_step=args.after_step, higher_is_better=direction)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    labels.to_csv(args.out, index=False)
+    print(labels.to_string(index=False))
+    print(f"wrote {args.out}: {int(labels['unstable'].sum())} of {len(labels)} unstable")
+    return EXIT_OK
+
+
+def _backtest(args: argparse.Namespace) -> int:
+    from polymap.scoring import backtest
+    from polymap.table import read_table
+
+    features = read_table(args.features_table)
+    if args.model:
+        k = _model_states(args.model)
+    else:
+        from polymap.phases import PhaseModel
+
+        k = PhaseModel(restarts=2, random_state=args.seed).fit(features).n_states_
+    horizons = tuple(float(h) for h in args.horizons.split(","))
+    table = backtest(features, args.labels, k, horizons, args.out, random_state=args.seed)
+    print(table.to_string(index=False))
+    print(f"wrote {args.out}/backtest.csv and backtest.png")
+    return EXIT_OK
+
+
 def _positive_int(text: str, flag: str) -> int:
     try:
         value = int(text)
@@ -194,6 +278,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", metavar="MODEL_DIR")
     p.set_defaults(func=_describe)
 
+    p = sub.add_parser("score", help="outlier risk of each run up to a horizon")
+    p.add_argument("features_table", metavar="FEATURES.parquet", nargs="?")
+    p.add_argument("--model", help="MODEL_DIR from polymap fit (gives K)")
+    p.add_argument("--targets", help="score these runs (a FeatureTable) instead of the reference")
+    p.add_argument("--horizon", type=float, default=None, help="fraction of training, e.g. 0.25")
+    p.add_argument("--until-step", type=int, default=None, help="last step that may be used")
+    p.add_argument("--paths", help="score external state paths (run,step,state CSV)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="SCORES.csv")
+    p.set_defaults(func=_score)
+
+    p = sub.add_parser("label", help="mark runs that later became unstable")
+    p.add_argument("table", metavar="TABLE", help="Parquet/CSV (run, step, metric) or suite dir")
+    p.add_argument("--metric", required=True, help="column, e.g. val_loss or eval.lambada.acc")
+    p.add_argument("--after-step", type=int, default=None)
+    p.add_argument("--better", default="auto", choices=["auto", "higher", "lower"])
+    p.add_argument("--out", required=True, help="LABELS.csv")
+    p.set_defaults(func=_label)
+
+    p = sub.add_parser("backtest", help="AUROC/AP/lead time of early risk against labels")
+    p.add_argument("features_table", metavar="FEATURES.parquet")
+    p.add_argument("--labels", required=True, help="LABELS.csv")
+    p.add_argument("--model", help="MODEL_DIR (gives K; else K is selected)")
+    p.add_argument("--horizons", default="0.1,0.25,0.5")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=_backtest)
+
     p = sub.add_parser("suite", help="train a miniature Pythia-like multi-seed suite")
     p.add_argument("--out", required=True, help="suite directory")
     p.add_argument("--sizes", default="nano", help="comma list of pico, nano, micro")
@@ -228,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from polymap.checkpoints import SourceError
     from polymap.phases import PhaseInputError
+    from polymap.scoring import ScoringError
     from polymap.suite.corpus import CorpusError
     from polymap.table import TableError, TableLockedError
 
@@ -239,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         TableLockedError,
         CorpusError,
         PhaseInputError,
+        ScoringError,
         FileNotFoundError,
         ValueError,
     ) as err:

@@ -1,0 +1,110 @@
+"""``polymap backtest``: does the early score predict the later labels?
+
+For each horizon the reference runs are scored leave-one-run-out from their checkpoints
+up to that horizon only, and the risk is compared with the labels (``run, unstable,
+onset_step``): AUROC and average precision (scikit-learn), and for every flagged unstable
+run the lead time ``onset_step - first flag step`` (the first deviating checkpoint, or the
+horizon step when no single checkpoint crossed the threshold). Writes
+``DIR/backtest.csv``, ``DIR/scores_h<horizon>.csv`` and ``DIR/backtest.png``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from polymap.scoring.score import ScoringError, score_runs
+
+
+def read_labels(labels: pd.DataFrame | str | Path, runs: list[str]) -> pd.DataFrame:
+    """Validate a labels table against the runs of the features table."""
+    if not isinstance(labels, pd.DataFrame):
+        labels = pd.read_csv(labels)
+    missing = {"run", "unstable"} - set(labels.columns)
+    if missing:
+        raise ScoringError(f"labels lack column(s) {sorted(missing)}")
+    labels = labels.copy()
+    labels["run"] = labels["run"].astype(str)
+    labels["unstable"] = labels["unstable"].astype(str).str.lower().isin(["true", "1", "yes"])
+    unknown = sorted(set(labels["run"]) - set(runs))
+    if unknown:
+        raise ScoringError(f"labels name run(s) not in the features table: {unknown[:5]}")
+    if labels["unstable"].all() or not labels["unstable"].any():
+        raise ScoringError(
+            "labels need both stable and unstable runs to measure prediction "
+            f"({int(labels['unstable'].sum())} of {len(labels)} unstable)"
+        )
+    return labels
+
+
+def backtest(
+    features: pd.DataFrame,
+    labels: pd.DataFrame | str | Path,
+    n_states: int,
+    horizons: tuple[float, ...] = (0.1, 0.25, 0.5),
+    out: str | Path | None = None,
+    random_state: int = 0,
+    feature_columns: str | list[str] | None = None,
+) -> pd.DataFrame:
+    """One row per horizon: ``horizon, horizon_step, auroc, average_precision,
+    n_flagged, true_positives, false_positives, median_lead_steps``."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    runs = sorted(features["run"].astype(str).unique())
+    labels = read_labels(labels, runs)
+    rows = []
+    out = Path(out) if out is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    for h in horizons:
+        scores = score_runs(
+            features, n_states, horizon=h, random_state=random_state, features=feature_columns
+        )
+        merged = scores.merge(labels, on="run", how="inner")
+        y, risk = merged["unstable"].to_numpy(bool), merged["risk"].to_numpy(float)
+        leads = []
+        for rec in merged[merged["flagged"] & merged["unstable"]].itertuples():
+            flag = rec.first_deviation_step
+            flag = rec.horizon_step if flag is None or pd.isna(flag) else flag
+            if "onset_step" in merged.columns and not pd.isna(rec.onset_step):
+                leads.append(float(rec.onset_step) - float(flag))
+        rows.append(
+            {
+                "horizon": h,
+                "horizon_step": int(scores["horizon_step"].iloc[0]),
+                "auroc": float(roc_auc_score(y, risk)),
+                "average_precision": float(average_precision_score(y, risk)),
+                "n_flagged": int(merged["flagged"].sum()),
+                "true_positives": int((merged["flagged"] & merged["unstable"]).sum()),
+                "false_positives": int((merged["flagged"] & ~merged["unstable"]).sum()),
+                "median_lead_steps": float(np.median(leads)) if leads else math.nan,
+            }
+        )
+        if out is not None:
+            scores.to_csv(out / f"scores_h{h:g}.csv", index=False)
+    table = pd.DataFrame(rows)
+    if out is not None:
+        table.to_csv(out / "backtest.csv", index=False)
+        _plot(table, out / "backtest.png")
+    return table
+
+
+def _plot(table: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    ax.plot(table["horizon"], table["auroc"], "o-", label="AUROC")
+    ax.plot(table["horizon"], table["average_precision"], "s--", label="average precision")
+    ax.set_xlabel("horizon (fraction of training seen)")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Does the early score predict later instability?")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,245 @@
+"""Scoring, labels and backtests on synthetic runs with planted outliers, plus online use."""
+
+from __future__ import annotations
+
+import types
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from polymap.cli import main
+from polymap.scoring import ScoringError, backtest, label_runs, score_paths, score_runs
+
+STEPS = np.array([0, 1, 2, 4, 8, 16, 32, 64] + list(range(100, 1001, 100)))
+
+
+def runs_table(n_runs=10, outliers=("run3", "run7"), d=6, seed=0):
+    """Runs share a trajectory (features drift with log step, plus seed noise); outliers
+    leave it from step 16 on (early), and their 'acc' collapses from step 800 (late)."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=d)
+    rows = []
+    for r in range(n_runs):
+        name = f"run{r}"
+        wobble = rng.normal(scale=0.05, size=d)
+        for step in STEPS:
+            x = base * np.log1p(step) + wobble + rng.normal(scale=0.05, size=d)
+            acc = 0.3 + 0.4 * np.log1p(step) / np.log1p(1000) + rng.normal(scale=0.005)
+            if name in outliers:
+                if step >= 16:
+                    x = x + 1.5 * np.log1p(step / 16)
+                if step >= 800:
+                    acc -= 0.2
+            rows.append(
+                {
+                    "run": name,
+                    "step": int(step),
+                    "acc": acc,
+                    **{f"syn.f{j}": x[j] for j in range(d)},
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def table():
+    return runs_table()
+
+
+def test_planted_outliers_rank_first_early(table):
+    scores = score_runs(table, n_states=3, horizon=0.25)
+    assert set(scores["run"].head(2)) == {"run3", "run7"}
+    assert scores["flagged"].tolist()[:2] == [True, True] and scores["flagged"].sum() == 2
+    assert scores["risk"].between(0, 1).all() and scores["risk"].notna().all()
+    assert list(scores.columns[:3]) == ["run", "risk", "flagged"]
+    top = scores.set_index("run").loc["run3"]
+    assert top["first_deviation_step"] in (16, 32) and top["horizon_step"] == 250
+    assert "syn.f" in top["explanation"]
+
+
+def test_nothing_after_the_horizon_changes_the_score(table):
+    cut = 250
+    before = score_runs(table, n_states=3, until_step=cut)
+    changed = table.copy()
+    late = changed["step"] > cut
+    features = [c for c in table.columns if c.startswith("syn.")]
+    changed.loc[late, features] = np.random.default_rng(9).normal(size=(late.sum(), 6)) * 50
+    after = score_runs(changed, n_states=3, until_step=cut)
+    pd.testing.assert_frame_equal(before, after)
+
+
+def test_partial_and_new_runs_are_scored(table):
+    reference = table[~table["run"].isin(["run3", "run7"])]
+    newcomers = runs_table(n_runs=10, seed=0)
+    partial = newcomers[(newcomers["run"] == "run7") & (newcomers["step"] <= 64)].assign(
+        run="live-bad"
+    )
+    healthy = newcomers[(newcomers["run"] == "run1") & (newcomers["step"] <= 64)].assign(
+        run="live-ok"
+    )
+    scores = score_runs(reference, 3, targets=pd.concat([partial, healthy]), until_step=64)
+    by = scores.set_index("run")
+    assert by.loc["live-bad", "flagged"] and not by.loc["live-ok", "flagged"]
+    assert by.loc["live-bad", "n_checkpoints"] == (STEPS <= 64).sum()
+    empty = newcomers[(newcomers["run"] == "run2") & (newcomers["step"] > 600)].assign(
+        run="late-starter"
+    )
+    late = score_runs(reference, 3, targets=empty, until_step=64).iloc[0]
+    assert late["risk"] == 0.0 and not late["flagged"] and late["n_checkpoints"] == 0
+    assert "no checkpoint before the horizon" in late["explanation"]
+
+
+def test_external_paths():
+    rows = []
+    for r in range(8):
+        for i, step in enumerate(STEPS):
+            state = 0 if i < 6 else (1 if i < 12 else 2)
+            if r == 5 and i >= 4:
+                state = 3  # a detour nobody else takes
+            rows.append({"run": f"r{r}", "step": int(step), "state": state})
+    scores = score_paths(pd.DataFrame(rows), until_step=300)
+    assert scores.iloc[0]["run"] == "r5" and scores.iloc[0]["flagged"]
+    assert scores["flagged"].sum() == 1
+
+
+def test_labels_find_late_drops_and_spikes_not_clean_runs(table):
+    labels = label_runs(table, "acc")
+    by = labels.set_index("run")
+    assert set(labels.loc[labels["unstable"], "run"]) == {"run3", "run7"}
+    assert by.loc["run3", "onset_step"] == 800
+    loss_rows = []
+    for r in range(6):
+        for step in range(0, 500, 10):
+            loss = 5 * np.exp(-step / 150) + 2 + 0.002 * ((r * 7 + step) % 5)
+            if r == 2 and step >= 300:
+                loss += 0.5  # a spike that stays
+            loss_rows.append({"run": f"r{r}", "step": step, "val_loss": loss})
+    loss_labels = label_runs(pd.DataFrame(loss_rows), "val_loss").set_index("run")
+    assert loss_labels["unstable"].sum() == 1 and loss_labels.loc["r2", "unstable"]
+    assert 300 <= loss_labels.loc["r2", "onset_step"] <= 320
+
+
+def test_backtest_and_bad_inputs(table, tmp_path):
+    labels = label_runs(table, "acc")
+    result = backtest(table, labels, n_states=3, horizons=(0.1, 0.25), out=tmp_path)
+    assert (result["auroc"] == 1.0).all() and (result["average_precision"] == 1.0).all()
+    assert result.loc[result["horizon"] == 0.25, "median_lead_steps"].item() >= 700
+    assert (tmp_path / "backtest.csv").exists() and (tmp_path / "backtest.png").exists()
+    with pytest.raises(ScoringError, match="at least 3"):
+        score_runs(table[table["run"].isin(["run0", "run1"])], 2)
+    with pytest.raises(ScoringError, match="not in the features table"):
+        backtest(table, labels.assign(run=labels["run"] + "x"), 3)
+    with pytest.raises(ScoringError, match="both stable and unstable"):
+        backtest(table, labels.assign(unstable=False), 3)
+    with pytest.raises(ScoringError, match="lacks reference feature"):
+        score_runs(table, 3, targets=table.drop(columns=["syn.f1"]).head(5), until_step=8)
+    with pytest.raises(ScoringError, match="horizon"):
+        score_runs(table, 3, horizon=1.5)
+
+
+def test_cli_score_label_backtest(table, tmp_path, capsys):
+    features = tmp_path / "f.parquet"
+    table.to_parquet(features)
+    assert (
+        main(
+            [
+                "fit",
+                str(features),
+                "--out",
+                str(tmp_path / "m"),
+                "--states",
+                "3",
+                "--restarts",
+                "1",
+                "--jobs",
+                "1",
+                "-q",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "score",
+                str(features),
+                "--model",
+                str(tmp_path / "m"),
+                "--horizon",
+                "0.25",
+                "--out",
+                str(tmp_path / "s.csv"),
+            ]
+        )
+        == 0
+    )
+    scores = pd.read_csv(tmp_path / "s.csv")
+    assert list(scores.columns[:3]) == ["run", "risk", "flagged"]
+    assert (
+        main(
+            [
+                "score",
+                "--paths",
+                str(tmp_path / "m" / "paths.csv"),
+                "--out",
+                str(tmp_path / "p.csv"),
+            ]
+        )
+        == 0
+    )
+    assert main(["label", str(features), "--metric", "acc", "--out", str(tmp_path / "l.csv")]) == 0
+    assert pd.read_csv(tmp_path / "l.csv")["unstable"].sum() == 2
+    assert (
+        main(
+            [
+                "backtest",
+                str(features),
+                "--labels",
+                str(tmp_path / "l.csv"),
+                "--model",
+                str(tmp_path / "m"),
+                "--horizons",
+                "0.25",
+                "--out",
+                str(tmp_path / "bt"),
+            ]
+        )
+        == 0
+    )
+    assert main(["score", "--out", str(tmp_path / "x.csv")]) == 2
+    capsys.readouterr()
+
+
+def test_online_monitor_and_trainer_callback(tmp_path):
+    import polymap
+    from polymap.phases import fit_model_dir
+    from polymap.scoring.online import InstabilityWarning, RiskMonitor, risk_callback
+    from polymap.synthetic import make_tiny_run, tiny_model
+
+    for seed in range(4):
+        make_tiny_run(tmp_path / "ref" / f"seed{seed}", steps=(0, 1, 2, 4), seed=seed)
+    reference = polymap.extract(tmp_path / "ref", features="hu2023", device="cpu", progress=False)
+    fit_model_dir(reference, tmp_path / "model", n_states=1, restarts=1)
+    monitor = RiskMonitor(reference, tmp_path / "model", run="live", threshold=0.5)
+    model = tiny_model("gpt_neox", seed=11)
+    first = monitor.observe(model, step=0)
+    assert 0 <= first["risk"] < 0.5 and first["step"] == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with __import__("torch").no_grad():
+            for p in model.parameters():
+                p.mul_(25)  # a wildly off run
+        bad = monitor.observe(model, step=1)
+    assert bad["risk"] >= 0.5 and bad["flagged"]
+    assert any(issubclass(w.category, InstabilityWarning) for w in caught)
+    callback = risk_callback(reference, tmp_path / "model", run="cb", stop=True)
+    model.save_pretrained(tmp_path / "out" / "checkpoint-2")
+    state = types.SimpleNamespace(global_step=2, log_history=[])
+    control = types.SimpleNamespace(should_training_stop=False)
+    args = types.SimpleNamespace(output_dir=str(tmp_path / "out"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        callback.on_save(args, state, control)
+    assert control.should_training_stop and state.log_history[-1]["polymap_risk"] >= 0.5
