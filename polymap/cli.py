@@ -140,16 +140,17 @@ def _describe(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _read_any_table(path: str):
-    """A Parquet/CSV table, or a suite directory (its runs' eval logs: run, step,
-    val_loss)."""
+def _read_any_table(path: str, metric: str = "val_loss"):
+    """A Parquet/CSV table, or a runs directory whose runs have ``eval_log.csv`` (run,
+    step, val_loss) or, for other metrics such as ``loss``, ``train_log.csv``."""
     import pandas as pd
 
     p = Path(path)
     if p.is_dir():
-        logs = sorted(p.glob("*/eval_log.csv"))
+        name = "eval_log.csv" if metric == "val_loss" else "train_log.csv"
+        logs = sorted(p.glob(f"*/{name}"))
         if not logs:
-            raise ValueError(f"{p}: a directory without */eval_log.csv files")
+            raise ValueError(f"{p}: a directory without */{name} files")
         frames = [pd.read_csv(f).assign(run=f.parent.name) for f in logs]
         return pd.concat(frames, ignore_index=True)
     if p.suffix == ".csv":
@@ -196,7 +197,7 @@ def _score(args: argparse.Namespace) -> int:
 def _label(args: argparse.Namespace) -> int:
     from polymap.scoring import label_runs
 
-    table = _read_any_table(args.table)
+    table = _read_any_table(args.table, args.metric)
     direction = {"auto": None, "higher": True, "lower": False}[args.better]
     labels = label_runs(table, args.metric, after_step=args.after_step, higher_is_better=direction)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

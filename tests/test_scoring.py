@@ -91,6 +91,37 @@ def test_partial_and_new_runs_are_scored(table):
     assert "no checkpoint before the horizon" in late["explanation"]
 
 
+def test_label_cli_reads_train_logs(tmp_path, capsys):
+    for r in range(4):
+        run = tmp_path / "runs" / f"seed{r}"
+        run.mkdir(parents=True)
+        steps = np.arange(1, 201)
+        loss = 4 * np.exp(-steps / 60) + 2 + (0.6 * (steps >= 150) if r == 1 else 0)
+        pd.DataFrame({"step": steps, "loss": loss}).to_csv(run / "train_log.csv", index=False)
+    out = tmp_path / "labels.csv"
+    assert main(["label", str(tmp_path / "runs"), "--metric", "loss", "--out", str(out)]) == 0
+    labels = pd.read_csv(out).set_index("run")
+    assert labels["unstable"].tolist() == [False, True, False, False]
+    assert 150 <= labels.loc["seed1", "onset_step"] <= 152
+    capsys.readouterr()
+
+
+def test_path_timing_counts():
+    from polymap.scoring.score import path_divergence
+
+    others = pd.DataFrame(
+        [
+            {"run": f"r{r}", "step": int(s), "state": int(i >= 8)}
+            for r in range(5)
+            for i, s in enumerate(STEPS)
+        ]
+    )
+    on_time = others[others["run"] == "r0"].assign(run="t")
+    late = on_time.assign(state=[int(i >= 12) for i in range(len(STEPS))])
+    assert path_divergence(on_time, others) == 0.0
+    assert path_divergence(late, others) > 4 / len(STEPS)
+
+
 def test_external_paths():
     rows = []
     for r in range(8):

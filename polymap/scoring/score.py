@@ -13,7 +13,8 @@ Signals (each also reported on its own):
 
 1. ``path``: the target's Viterbi path against the other runs' paths at the same steps:
    the share of its checkpoints in a state other than the modal one, plus the share spent
-   in *rare* states (visited by fewer than half the other runs);
+   in *rare* states (visited by fewer than half the other runs), plus how early or late it
+   entered the shared states (see :func:`path_divergence`);
 2. ``likelihood``: mean per-checkpoint log-likelihood (forward algorithm) of the target
    under the model without it (reported as its negative, so higher = more anomalous);
 3. ``deviation``: per checkpoint, robust z-scores of every feature against the other runs
@@ -125,7 +126,11 @@ def feature_deviation(
 
 
 def path_divergence(target_path: pd.DataFrame, other_paths: pd.DataFrame) -> float:
-    """Share of checkpoints off the modal state at that step + share in rare states."""
+    """Disagreement of a path with the other runs' paths, in three parts that add up:
+    the share of checkpoints off the modal state at the same step, the share spent in
+    rare states (visited by fewer than half of the other runs), and the transition
+    timing: the mean distance, in log(1 + step), between the target's entry into each
+    state and the other runs' median entry, as a fraction of log(1 + last step)."""
     if target_path.empty or other_paths.empty:
         return math.nan
     n_other = other_paths["run"].nunique()
@@ -139,7 +144,16 @@ def path_divergence(target_path: pd.DataFrame, other_paths: pd.DataFrame) -> flo
         off += int(state != modal[nearest])
         in_rare += int(state in rare or state not in visits.index)
     n = len(target_path)
-    return off / n + in_rare / n
+    entries = other_paths.groupby(["run", "state"])["step"].min().groupby("state").median()
+    own = target_path.groupby("state")["step"].min()
+    span = math.log1p(max(float(target_path["step"].max()), 1.0))
+    shifts = [
+        abs(math.log1p(own[s]) - math.log1p(entries[s])) / span
+        for s in own.index
+        if s in entries.index and s not in rare
+    ]
+    timing = float(np.mean(shifts)) if shifts else 0.0
+    return off / n + in_rare / n + timing
 
 
 @dataclass
