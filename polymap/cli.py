@@ -54,13 +54,15 @@ def _features(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from polymap.extraction import extract
+    from polymap.phases import fit_model_dir
+    from polymap.scoring import backtest, label_runs, score_runs
     from polymap.suite import build
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
-    print(f"[1/2] training the built-in suite in {out / 'suite'} (finished runs are reused)")
     planted = "3,4" if args.seeds >= 5 else str(args.seeds - 1)
+    print(f"[1/5] training the built-in suite in {out / 'suite'} (finished runs are reused)")
     manifest = build(
         out / "suite",
         seeds=f"0-{args.seeds - 1}",
@@ -68,16 +70,46 @@ def _demo(args: argparse.Namespace) -> int:
         unstable=planted,
         jobs=args.jobs,
     )
-    print("[2/2] extracting features of every checkpoint")
+    print("[2/5] extracting features of every checkpoint")
     features = out / "features.parquet"
     table = extract(out / "suite", out=features, jobs=1, progress=True)
+    print("[3/5] fitting the training map (HMM, K selected by run-level cross-validation)")
+    (model,) = fit_model_dir(table, out / "model", n_jobs=-1, random_state=0).values()
+    print(f"      K={model.n_states_}: {model.reason_}")
+    print("[4/5] labelling instability from the runs' eval logs; scoring at horizon 0.25")
+    evals = _read_any_table(str(out / "suite"), "val_loss")
+    labels = label_runs(evals, "val_loss")
+    labels.to_csv(out / "labels.csv", index=False)
+    scores = score_runs(table, model.n_states_, horizon=0.25)
+    scores.to_csv(out / "scores.csv", index=False)
+    print("[5/5] backtesting the early score against the labels")
+    from polymap.scoring import ScoringError
+
+    try:
+        result = backtest(table, labels, model.n_states_, (0.1, 0.25, 0.5), out / "backtest")
+    except ScoringError as err:
+        result = None
+        print(f"      backtest skipped: {err}")
     print()
-    for r in manifest["runs"]:
-        tags = ("planted, " if r["planted"] else "") + (
-            f"unstable from step {r['onset_step']}" if r["unstable"] else "stable"
+    planted_runs = {r["run"] for r in manifest["runs"] if r["planted"]}
+    unstable = dict(zip(labels["run"], labels["onset_step"], strict=True))
+    print(f"Training map: K={model.n_states_} states (see `polymap describe {out / 'model'}`)")
+    print(f"Risk at 25% of training (step {int(scores['horizon_step'].iloc[0])}):")
+    for rec in scores.itertuples():
+        tags = []
+        if rec.run in planted_runs:
+            tags.append("planted")
+        if labels.set_index("run").loc[rec.run, "unstable"]:
+            tags.append(f"became unstable at step {unstable[rec.run]}")
+        flag = "FLAGGED" if rec.flagged else "       "
+        print(f"  {flag} {rec.run:<14} risk {rec.risk:.2f}  {', '.join(tags)}")
+    if result is not None:
+        row = result[result["horizon"] == 0.25].iloc[0]
+        print(
+            f"Backtest at horizon 0.25: AUROC {row['auroc']:.2f}, average precision "
+            f"{row['average_precision']:.2f}, median lead {row['median_lead_steps']:.0f} steps"
         )
-        last = table[table["run"] == r["run"]].iloc[-1]
-        print(f"  {r['run']:<14} {tags:<34} hu2023.l2 at the end {last['hu2023.l2']:.3f}")
+    print(f"Outputs in {out}: features.parquet, model/, labels.csv, scores.csv, backtest/")
     return _report(table, features)
 
 
