@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -214,14 +213,17 @@ def load_bin(file: Path) -> dict[str, torch.Tensor]:
         try:
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
             break
-        except pickle.UnpicklingError as err:
+        except Exception as err:  # torch raises the unpickler's own error class
+            if type(err).__name__ != "UnpicklingError":
+                if isinstance(err, (RuntimeError, OSError, EOFError, ValueError)):
+                    last = err
+                    continue
+                raise
             raise UnsafeCheckpointError(
                 f"{file}: refusing to unpickle: the file holds objects other than tensors"
                 f"{_unsupported_global(err)}. polymap loads .bin files only with "
                 "weights_only=True; convert the checkpoint to safetensors."
             ) from err
-        except (RuntimeError, OSError, EOFError, ValueError) as err:
-            last = err
     else:
         raise CheckpointError(f"{file}: corrupt or truncated .bin ({last})") from last
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
