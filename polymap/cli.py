@@ -56,7 +56,7 @@ def _demo(args: argparse.Namespace) -> int:
     from polymap.extraction import extract
     from polymap.phases import fit_model_dir
     from polymap.scoring import backtest, label_runs, score_runs
-    from polymap.suite import build
+    from polymap.suite import build, run_logs
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -77,8 +77,7 @@ def _demo(args: argparse.Namespace) -> int:
     (model,) = fit_model_dir(table, out / "model", n_jobs=-1, random_state=0).values()
     print(f"      K={model.n_states_}: {model.reason_}")
     print("[4/5] labelling instability from the runs' eval logs; scoring at horizon 0.25")
-    evals = _read_any_table(str(out / "suite"), "val_loss")
-    labels = label_runs(evals, "val_loss")
+    labels = label_runs(run_logs(out / "suite", "eval"), "val_loss")
     labels.to_csv(out / "labels.csv", index=False)
     scores = score_runs(table, model.n_states_, horizon=0.25)
     scores.to_csv(out / "scores.csv", index=False)
@@ -173,18 +172,15 @@ def _describe(args: argparse.Namespace) -> int:
 
 
 def _read_any_table(path: str, metric: str = "val_loss"):
-    """A Parquet/CSV table, or a runs directory whose runs have ``eval_log.csv`` (run,
-    step, val_loss) or, for other metrics such as ``loss``, ``train_log.csv``."""
+    """A Parquet/CSV table, or a runs directory (its eval logs for ``val_loss``, else its
+    train logs)."""
     import pandas as pd
+
+    from polymap.suite import run_logs
 
     p = Path(path)
     if p.is_dir():
-        name = "eval_log.csv" if metric == "val_loss" else "train_log.csv"
-        logs = sorted(p.glob(f"*/{name}"))
-        if not logs:
-            raise ValueError(f"{p}: a directory without */{name} files")
-        frames = [pd.read_csv(f).assign(run=f.parent.name) for f in logs]
-        return pd.concat(frames, ignore_index=True)
+        return run_logs(p, "eval" if metric == "val_loss" else "train")
     if p.suffix == ".csv":
         return pd.read_csv(p)
     return pd.read_parquet(p)  # any table: label metrics need not be feature columns
@@ -374,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     from polymap.checkpoints import SourceError
     from polymap.phases import PhaseInputError
     from polymap.scoring import ScoringError
+    from polymap.suite import SuiteError
     from polymap.suite.corpus import CorpusError
     from polymap.table import TableError, TableLockedError
 
@@ -384,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         TableError,
         TableLockedError,
         CorpusError,
+        SuiteError,
         PhaseInputError,
         ScoringError,
         FileNotFoundError,

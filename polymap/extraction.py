@@ -119,7 +119,8 @@ def extract_checkpoint(
                 kind = (config or {}).get("model_type") or "unrecognised names"
                 warnings.append(f"unknown architecture ({kind}); roles by name heuristics")
             context = CheckpointContext(ref, config, arch, dev, initial_reader)
-            row.update(_run_feature_sets(reader, context, sets))
+            features, nonfinite = _run_feature_sets(reader, context, sets)
+            row.update(features)
     except CheckpointError as err:
         row.update(status="failed", error=str(err))
         return row
@@ -127,7 +128,6 @@ def extract_checkpoint(
         log.exception("unexpected error extracting %s", ref)
         row.update(status="failed", error=f"{type(err).__name__}: {err}")
         return row
-    nonfinite = row.pop("_nonfinite", 0)
     if nonfinite:
         row["status"] = "nonfinite"
         warnings.insert(0, f"{nonfinite} non-finite (NaN/Inf) weight entries")
@@ -139,7 +139,9 @@ def extract_checkpoint(
 
 def _run_feature_sets(
     reader: TensorReader, context: CheckpointContext, sets: Sequence[type[FeatureSet]]
-) -> dict:
+) -> tuple[dict, int]:
+    """Stream every parameter through the feature sets; returns (features, number of
+    non-finite weight entries)."""
     instances = [cls(context) for cls in sets]
     arch, dev = context.architecture, context.device
     params = []
@@ -161,10 +163,10 @@ def _run_feature_sets(
         for instance in instances:
             if instance.wants_again(name):
                 instance.add_again(param)
-    out: dict = {"_nonfinite": nonfinite}
+    out: dict = {}
     for instance in instances:
         out.update(instance.finish())
-    return out
+    return out, nonfinite
 
 
 def _floating_tensors(reader: TensorReader, params: list) -> Iterator[tuple]:

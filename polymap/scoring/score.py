@@ -348,4 +348,4 @@ def score_paths(paths: pd.DataFrame, until_step: int | None = None) -> pd.DataFr
     return out.sort_values("risk", ascending=False, kind="stable").reset_index(drop=True)
 
 
-__all__ = ["PhaseInputError", "ScoringError", "horizon_step", "score_paths", "score_runs"]
+__all__ = ["ScoringError", "horizon_step", "score_paths", "score_runs"]

@@ -36,6 +36,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict
 from pathlib import Path
 
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
@@ -65,6 +66,7 @@ __all__ = [
     "checkpoint_steps",
     "learning_rate",
     "measure_instability",
+    "run_logs",
     "run_specs",
 ]
 
@@ -182,6 +184,18 @@ def measure_instability(
     if tail >= lasting:
         onsets.append(rows[len(rows) - tail][0])
     return (True, min(onsets)) if onsets else (False, None)
+
+
+def run_logs(directory: str | Path, log: str = "eval") -> pd.DataFrame:
+    """All runs' ``eval_log.csv`` (``log="eval"``: run, step, val_loss) or
+    ``train_log.csv`` (``log="train"``: run, step, loss, lr, grad_norm, tokens) of a
+    suite (or any ``DIR/<run>/`` layout with such logs) as one table."""
+    if log not in ("eval", "train"):
+        raise SuiteError(f"log={log!r} is not one of 'eval', 'train'")
+    files = sorted(Path(directory).glob(f"*/{log}_log.csv"))
+    if not files:
+        raise SuiteError(f"{directory}: no */{log}_log.csv files")
+    return pd.concat([pd.read_csv(f).assign(run=f.parent.name) for f in files], ignore_index=True)
 
 
 def _check_existing(out: Path, specs: list[RunSpec]) -> None:
