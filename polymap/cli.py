@@ -25,8 +25,85 @@ def _extract(args: argparse.Namespace) -> int:
         jobs=args.jobs,
         delete_after=args.delete_after,
         progress=not args.quiet,
+        probe=_probe_spec(args),
     )
     return _report(table, args.out)
+
+
+def _probe_spec(args: argparse.Namespace):
+    from polymap.features.probe import ProbeSpec
+
+    return ProbeSpec(
+        sequences=_positive_int(str(args.probe_sequences), "--probe-sequences"),
+        length=_positive_int(str(args.probe_length), "--probe-length"),
+        tokens=args.probe_tokens,
+        text=args.probe_text,
+    )
+
+
+def _evals_ingest(args: argparse.Namespace) -> int:
+    from polymap.evals import ingest
+    from polymap.table import write_table
+
+    if Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a directory; give EVALS.parquet")
+    table, report = ingest(args.paths, manifest=args.manifest, stderr=args.stderr)
+    for line in report.duplicates:
+        print(f"duplicate: {line}")
+    for file, reason in report.problems:
+        print(f"skipped: {file}: {reason}")
+    if table.empty:
+        print(f"no usable results in {report.files} file(s); nothing written", file=sys.stderr)
+        return EXIT_FAILED
+    write_table(table, args.out)
+    columns = [c for c in table.columns if c.startswith("eval.")]
+    print(
+        f"{args.out}: {len(table)} checkpoint(s) of {table['run'].nunique()} run(s), "
+        f"{len(columns)} eval column(s) from {report.files} file(s)"
+    )
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _evals_run(args: argparse.Namespace) -> int:
+    from polymap.evals.harness import run_harness
+
+    report = run_harness(
+        args.sources,
+        tasks=args.tasks,
+        out=args.out,
+        include_path=args.include_path,
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        batch_size=args.batch_size,
+        device=args.device,
+        steps=args.steps,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    print(
+        f"{args.out}: {len(report.written)} results file(s) written, "
+        f"{report.skipped} checkpoint(s) already done, {len(report.failed)} failed"
+    )
+    for ref, reason in report.failed:
+        print(f"  {ref}: {reason}")
+    return EXIT_FAILED if report.failed else EXIT_OK
+
+
+def _evals_task(args: argparse.Namespace) -> int:
+    from polymap.evals.tasks import write_last_word_task
+
+    folder = write_last_word_task(args.out, corpus=args.corpus, name=args.name)
+    print(f"{folder}: task {args.name} (use --include-path {folder})")
+    return EXIT_OK
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from polymap.table import merge_tables, read_table, write_table
+
+    merged = merge_tables([read_table(p) for p in args.tables], how=args.how)
+    write_table(merged, args.out)
+    print(f"{args.out}: {len(merged)} checkpoint(s) of {merged['run'].nunique()} run(s)")
+    return EXIT_OK
 
 
 def _report(table, out) -> int:
@@ -285,8 +362,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--delete-after", action="store_true", help="delete hub downloads after extracting each"
     )
+    p.add_argument("--probe-text", default=None, help="probe text file (model-level sets)")
+    p.add_argument("--probe-tokens", default=None, help="probe token ids (.npy or text ints)")
+    p.add_argument("--probe-sequences", type=int, default=16, help="probe rows")
+    p.add_argument("--probe-length", type=int, default=128, help="tokens per probe row")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_extract)
+
+    p = sub.add_parser("evals", help="lm-eval results: ingest files, run lm-eval, local tasks")
+    evals = p.add_subparsers(dest="evals_command", required=True, metavar="ACTION")
+    e = evals.add_parser("ingest", help="read lm-eval results JSON into EVALS.parquet")
+    e.add_argument("paths", nargs="+", metavar="PATH", help="results files or folders")
+    e.add_argument("--out", required=True, help="EVALS.parquet (a FeatureTable)")
+    e.add_argument("--manifest", default=None, help="CSV path,run,step for files without them")
+    e.add_argument("--stderr", action="store_true", help="also keep <metric>_stderr columns")
+    e.set_defaults(func=_evals_ingest)
+    e = evals.add_parser("run", help="run lm-eval on every checkpoint, write its results JSON")
+    e.add_argument("sources", nargs="+", metavar="SOURCE")
+    e.add_argument("--tasks", required=True, help="comma list of lm-eval task names")
+    e.add_argument("--out", required=True, help="output folder (OUT/<run>/step<N>/results_*)")
+    e.add_argument("--include-path", action="append", default=None, help="local task folder")
+    e.add_argument("--limit", type=float, default=None, help="examples per task (lm-eval)")
+    e.add_argument("--num-fewshot", type=int, default=None)
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--steps", default=None, help="all | eval | list/ranges")
+    e.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=_evals_run)
+    e = evals.add_parser("task", help="write a local LAMBADA-style lm-eval task from text")
+    e.add_argument("--out", required=True, help="folder for <name>.yaml + <name>.jsonl")
+    e.add_argument("--corpus", default=None, help="text file (default: the suite corpus)")
+    e.add_argument("--name", default="suite_lastword")
+    e.set_defaults(func=_evals_task)
+
+    p = sub.add_parser("merge", help="join FeatureTables on (run, step)")
+    p.add_argument("tables", nargs="+", metavar="TABLE.parquet")
+    p.add_argument("--out", required=True, help="MERGED.parquet")
+    p.add_argument("--how", default="outer", choices=["outer", "inner", "left"])
+    p.set_defaults(func=_merge)
 
     p = sub.add_parser("fit", help="fit the HMM training map (latent phases) over all runs")
     p.add_argument("features_table", metavar="FEATURES.parquet")

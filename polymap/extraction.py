@@ -39,8 +39,9 @@ from polymap.checkpoints import (
     read_config,
     resolve_sources,
 )
-from polymap.features import CheckpointContext, Param, get_feature_sets
+from polymap.features import CheckpointContext, FeatureUnavailableError, Param, get_feature_sets
 from polymap.features.base import FeatureSet
+from polymap.features.probe import ProbeSpec, build_probe, load_causal_lm, max_positions
 from polymap.roles import assign_role, detect_architecture, is_known
 from polymap.table import FeatureStore, normalize
 
@@ -81,11 +82,13 @@ def extract_checkpoint(
     device: str | torch.device = "auto",
     initial: CheckpointRef | None = None,
     delete_after: bool = False,
+    probe: ProbeSpec | None = None,
 ) -> dict:
     """Feature row of one checkpoint. Never raises for a bad checkpoint: the row's
     ``status`` and ``error`` say what went wrong.
 
-    ``initial`` is the run's step-0 checkpoint (for ``weights.*.rel_dist``).
+    ``initial`` is the run's step-0 checkpoint (for ``weights.*.rel_dist``); ``probe``
+    the probe batch of model-level sets such as ``evals_native``.
 
     >>> row = extract_checkpoint(CheckpointRef("r", 8, "runs/r/step8"))   # doctest: +SKIP
     >>> row["status"], row["hu2023.l2"]                                   # doctest: +SKIP
@@ -118,9 +121,12 @@ def extract_checkpoint(
             if not is_known(arch):
                 kind = (config or {}).get("model_type") or "unrecognised names"
                 warnings.append(f"unknown architecture ({kind}); roles by name heuristics")
-            context = CheckpointContext(ref, config, arch, dev, initial_reader)
-            features, nonfinite = _run_feature_sets(reader, context, sets)
+            context = CheckpointContext(
+                ref, config, arch, dev, initial_reader, Path(directory), probe or ProbeSpec()
+            )
+            features, nonfinite, set_warnings = _run_feature_sets(reader, context, sets)
             row.update(features)
+            warnings.extend(set_warnings)
     except CheckpointError as err:
         row.update(status="failed", error=str(err))
         return row
@@ -139,9 +145,9 @@ def extract_checkpoint(
 
 def _run_feature_sets(
     reader: TensorReader, context: CheckpointContext, sets: Sequence[type[FeatureSet]]
-) -> tuple[dict, int]:
-    """Stream every parameter through the feature sets; returns (features, number of
-    non-finite weight entries)."""
+) -> tuple[dict, int, list[str]]:
+    """Stream every parameter through the feature sets, then run the model-level sets;
+    returns (features, number of non-finite weight entries, warnings)."""
     instances = [cls(context) for cls in sets]
     arch, dev = context.architecture, context.device
     params = []
@@ -163,10 +169,34 @@ def _run_feature_sets(
         for instance in instances:
             if instance.wants_again(name):
                 instance.add_again(param)
+    warnings = _run_model_sets([s for s in instances if s.needs_model], context)
     out: dict = {}
     for instance in instances:
         out.update(instance.finish())
-    return out, nonfinite
+        warnings.extend(instance.warnings)
+    return out, nonfinite, warnings
+
+
+def _run_model_sets(instances: list[FeatureSet], context: CheckpointContext) -> list[str]:
+    """Load the checkpoint as a model once and give it to every model-level set."""
+    if not instances:
+        return []
+    names = ",".join(s.name for s in instances)
+    try:
+        probe = build_probe(context.probe, context.directory, max_positions(context.config))
+        model = load_causal_lm(context.directory, context.device)
+    except FeatureUnavailableError as err:
+        return [f"{names}: {err}"]
+    except Exception as err:  # transformers cannot build this model: keep the weight features
+        return [f"{names}: cannot load the model ({type(err).__name__}: {err})"]
+    warnings = [f"{names}: {probe.warning}"] if probe.warning else []
+    for instance in instances:
+        try:
+            instance.add_model(model, probe)
+        except FeatureUnavailableError as err:
+            warnings.append(f"{instance.name}: {err}")
+    del model
+    return warnings
 
 
 def _floating_tensors(reader: TensorReader, params: list) -> Iterator[tuple]:
@@ -228,6 +258,7 @@ def extract(
     jobs: int = 1,
     delete_after: bool = False,
     progress: bool = True,
+    probe: ProbeSpec | None = None,
 ) -> pd.DataFrame:
     """Extract feature rows for every checkpoint in ``sources``.
 
@@ -279,7 +310,7 @@ def extract(
             bar.set_postfix_str(f"{row['run']}@{row['step']} {row['status']}")
             bar.update()
 
-        args = [(ref, names, device, initial_of.get(ref.run), delete_after) for ref in todo]
+        args = [(ref, names, device, initial_of.get(ref.run), delete_after, probe) for ref in todo]
         if jobs <= 1 or len(todo) <= 1:
             for a in args:
                 finished(extract_checkpoint(*a))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import fcntl
 import os
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -108,6 +108,52 @@ def _merge(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
     merged = pd.concat(frames, ignore_index=True, sort=False)
     merged = merged.drop_duplicates(list(KEY_COLUMNS), keep="last")
     return normalize(merged)
+
+
+def merge_tables(tables: Sequence[pd.DataFrame], how: str = "outer") -> pd.DataFrame:
+    """Join FeatureTables on (run, step), e.g. weight features with ``eval.*`` scores.
+
+    Feature columns must not repeat across tables (a :class:`TableError` names them);
+    ``seed``/``model``/``tokens`` are taken from the first table that has them, ``status``
+    is the worst of the rows joined, ``error`` and ``feature_sets`` are combined.
+
+    >>> a = pd.DataFrame({"run": ["r"], "step": [1], "hu2023.l2": [2.0]})
+    >>> b = pd.DataFrame({"run": ["r"], "step": [1], "eval.piqa.acc": [0.6]})
+    >>> merge_tables([a, b])[["run", "step", "hu2023.l2", "eval.piqa.acc"]].values.tolist()
+    [['r', 1, 2.0, 0.6]]
+    """
+    if how not in ("outer", "inner", "left"):
+        raise ValueError(f"how={how!r} is not one of outer, inner, left")
+    tables = [normalize(t) for t in tables]
+    if not tables:
+        raise TableError("no tables to merge")
+    seen: dict[str, int] = {}
+    for index, table in enumerate(tables):
+        clash = [c for c in feature_columns(table) if c in seen]
+        if clash:
+            raise TableError(
+                f"table {index + 1} repeats feature column(s) {clash[:5]} of table "
+                f"{seen[clash[0]] + 1}; drop them from one table first"
+            )
+        seen.update(dict.fromkeys(feature_columns(table), index))
+    merged = tables[0]
+    rank = {s: i for i, s in enumerate(STATUSES)}
+    for table in tables[1:]:
+        right = table.rename(columns={c: f"{c}\x00r" for c in META_COLUMNS[2:]})
+        merged = merged.merge(right, on=list(KEY_COLUMNS), how=how)
+        for column in ("seed", "model", "tokens"):
+            merged[column] = merged[column].combine_first(merged.pop(f"{column}\x00r"))
+        left_status = merged["status"].fillna("ok")
+        right_status = merged.pop("status\x00r").fillna("ok")
+        worse = right_status.map(rank).fillna(0) > left_status.map(rank).fillna(0)
+        merged["status"] = left_status.where(~worse, right_status)
+        for column, sep in (("error", "; "), ("fingerprint", "+"), ("feature_sets", ",")):
+            other = merged.pop(f"{column}\x00r")
+            merged[column] = [
+                sep.join(str(v) for v in (a, b) if isinstance(v, str) and v) or None
+                for a, b in zip(merged[column], other, strict=True)
+            ]
+    return normalize(merged).sort_values(list(KEY_COLUMNS), ignore_index=True)
 
 
 class FeatureStore:

@@ -1,10 +1,13 @@
 """Feature sets: each a registered unit producing ``<set>.<feature>`` columns."""
 
-from polymap.features import hu2023, spectral, weights  # noqa: F401  (registration)
+# Importing a feature-set module registers it.
+
+from polymap.features import evals_native, hu2023, spectral, weights  # noqa: F401
 from polymap.features.base import (
     DEFAULT_FEATURE_SETS,
     CheckpointContext,
     FeatureSet,
+    FeatureUnavailableError,
     Param,
     feature_sets,
     get_feature_sets,
@@ -15,6 +18,7 @@ __all__ = [
     "DEFAULT_FEATURE_SETS",
     "CheckpointContext",
     "FeatureSet",
+    "FeatureUnavailableError",
     "Param",
     "feature_sets",
     "get_feature_sets",

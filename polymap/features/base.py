@@ -7,6 +7,13 @@ sets), then once more through :meth:`FeatureSet.add_again` those tensors for whi
 :meth:`FeatureSet.wants_again` is True, then asks :meth:`FeatureSet.finish` for ``{"<set>.<name>":
 float}``.
 
+A set that needs the assembled model (a forward pass: native evals, activations,
+gradients) sets ``needs_model = True`` and implements :meth:`FeatureSet.add_model`; the
+extractor then loads the checkpoint once as a transformers model on the extraction device
+and hands it, with the probe batch (:class:`~polymap.features.probe.Probe`), to every such
+set. Such a set may raise :class:`FeatureUnavailableError` (e.g. not a causal LM); the row keeps
+the other sets' features and records the reason as a warning.
+
 Adding a metric in your own code::
 
     from polymap.features import FeatureSet, register_feature_set
@@ -31,6 +38,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -50,6 +58,12 @@ class CheckpointContext:
     architecture: Architecture
     device: torch.device
     initial: TensorReader | None = None  # the run's step-0 checkpoint, when there is one
+    directory: Path | None = None  # the local checkpoint directory
+    probe: object | None = None  # polymap.features.probe.ProbeSpec for model-level sets
+
+
+class FeatureUnavailableError(RuntimeError):
+    """A feature set cannot be computed for this checkpoint (the reason is recorded)."""
 
 
 class Param:
@@ -144,16 +158,24 @@ class FeatureSet:
     moment_order: ClassVar[int] = 0
     #: One line per feature pattern, for the docs and ``polymap features``.
     documentation: ClassVar[dict[str, str]] = {}
+    #: True for sets computed from the assembled model (forward/backward passes).
+    needs_model: ClassVar[bool] = False
 
     def __init__(self, context: CheckpointContext):
         self.context = context
+        self.warnings: list[str] = []  # recorded in the row's ``error`` column
         self.start()
 
     def start(self) -> None:
         """Reset per-checkpoint state."""
 
     def add(self, param: Param) -> None:
-        raise NotImplementedError
+        if not self.needs_model:
+            raise NotImplementedError
+
+    def add_model(self, model, probe) -> None:
+        """For ``needs_model`` sets: the checkpoint as a transformers model (eval mode, on
+        the extraction device) and the probe (:class:`~polymap.features.probe.Probe`)."""
 
     def wants_again(self, name: str) -> bool:
         """After the first pass: does the set need tensor ``name`` once more?"""

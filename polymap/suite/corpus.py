@@ -54,15 +54,30 @@ def _documents(corpus: str | Path | None) -> list[str]:
     return docs
 
 
+def split_documents(docs: list[str]) -> tuple[list[str], list[str]]:
+    """Training parts (first 90% of each document) and held-out parts (the rest)."""
+    cuts = [int(len(d) * (1 - VALIDATION_FRACTION)) for d in docs]
+    train = [d[:c] for d, c in zip(docs, cuts, strict=True)]
+    held_out = [d[c:] for d, c in zip(docs, cuts, strict=True) if d[c:].strip()]
+    return train, held_out
+
+
+def held_out_text(corpus: str | Path | None = None) -> list[str]:
+    """The held-out (validation) parts of the corpus's documents, as text.
+
+    >>> len(held_out_text()) > 50
+    True
+    """
+    return split_documents(_documents(corpus))[1]
+
+
 def load_corpus(corpus: str | Path | None = None, vocab_size: int = 512) -> Corpus:
     """Read, split and tokenise the corpus (deterministic for the same text)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     docs = _documents(corpus)
-    cuts = [int(len(d) * (1 - VALIDATION_FRACTION)) for d in docs]
-    train_docs = [d[:c] for d, c in zip(docs, cuts, strict=True)]
-    val_docs = [d[c:] for d, c in zip(docs, cuts, strict=True) if d[c:].strip()]
+    train_docs, val_docs = split_documents(docs)
     if sum(len(d) for d in train_docs) < 20_000:
         raise CorpusError(
             f"corpus too small ({sum(len(d) for d in docs)} characters); need at least ~25k"
