@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from transformers.utils import logging as hf_logging
 
+from polymap.suite import build
 from polymap.synthetic import ARCHS, make_tiny_run
 
 hf_logging.disable_progress_bar()
@@ -40,3 +41,14 @@ def runs_copy(neox_runs, tmp_path) -> Path:
     dest = tmp_path / "runs"
     shutil.copytree(neox_runs, dest)
     return dest
+
+
+SMALL = {"sizes": "pico", "seeds": "0-2", "steps": 24, "unstable": "2", "progress": False}
+
+
+@pytest.fixture(scope="session")
+def small_suite(tmp_path_factory) -> Path:
+    """A real ``polymap suite``: pico seeds 0-2 (seed 2 planted), 24 steps, with tokenizers."""
+    out = tmp_path_factory.mktemp("suite") / "s"
+    build(out, **SMALL)
+    return out

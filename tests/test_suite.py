@@ -7,6 +7,7 @@ import json
 import shutil
 
 import pytest
+from conftest import SMALL
 
 import polymap
 from polymap.cli import main
@@ -18,15 +19,6 @@ from polymap.suite import (
     measure_instability,
 )
 from polymap.suite.corpus import CorpusError
-
-SMALL = {"sizes": "pico", "seeds": "0-2", "steps": 24, "unstable": "2", "progress": False}
-
-
-@pytest.fixture(scope="session")
-def small_suite(tmp_path_factory):
-    out = tmp_path_factory.mktemp("suite") / "s"
-    build(out, **SMALL)
-    return out
 
 
 def test_schedule():

@@ -358,6 +358,8 @@ def ingest(
     if not rows:
         return normalize(pd.DataFrame(columns=["run", "step"])), report
     table = normalize(pd.DataFrame(list(rows.values())))
+    columns = [c for c in table.columns if not c.startswith(f"{FEATURE_SET}.")]
+    table = table[columns + sorted(c for c in table.columns if c not in columns)]
     return table.sort_values(["run", "step"], ignore_index=True), report
 
 

@@ -35,8 +35,7 @@ dataset_kwargs:
 test_split: test
 output_type: loglikelihood
 doc_to_text: "{{{{context}}}}"
-doc_to_target: "{{{{target}}}}"
-target_delimiter: " "
+doc_to_target: "{{{{' ' + target}}}}"
 metric_list:
   - metric: perplexity
     aggregation: perplexity
@@ -81,7 +80,9 @@ def write_last_word_task(
 ) -> Path:
     """Write the task YAML and its JSONL data into ``folder``; returns the folder.
 
-    The YAML names the data file by absolute path (lm-eval resolves ``data_files``
+    The target word is scored with its leading space (``" " + target``: lm-eval does not
+    insert a delimiter for ``loglikelihood`` tasks). The YAML names the data file by
+    absolute path (lm-eval resolves ``data_files``
     against the working directory, not the YAML's folder).
     """
     folder = Path(folder)

@@ -28,6 +28,11 @@ import torch
 
 from polymap.features.base import FeatureUnavailableError
 
+# Model types whose transformers "causal LM" class is only meaningful with is_decoder=True.
+ENCODER_TYPES = frozenset(
+    {"bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie", "deberta", "deberta-v2"}
+)
+
 
 @dataclass(frozen=True)
 class ProbeSpec:
@@ -138,6 +143,11 @@ def load_causal_lm(directory: Path, device: torch.device):
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
+    config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+    if config.model_type in ENCODER_TYPES and not getattr(config, "is_decoder", False):
+        raise FeatureUnavailableError(
+            f"{config.model_type} is an encoder (bidirectional), not a causal language model"
+        )
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
             directory, dtype=torch.float32, local_files_only=True

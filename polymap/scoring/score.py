@@ -19,7 +19,8 @@ Signals (each also reported on its own):
    under the model without it (reported as its negative, so higher = more anomalous);
 3. ``deviation``: per checkpoint, robust z-scores of every feature against the other runs
    at the same step (median and 1.4826 MAD, reference curves interpolated in log step;
-   the MAD is floored at 5% of the feature's inter-quartile range over the reference, so
+   the MAD is floored at 5% of the feature's inter-quartile range over the reference (its
+   standard deviation when that range is 0), so
    a feature whose runs agree to many digits, like an early bias median, cannot explode),
    aggregated as the mean of the 5 largest |z|; the run's value is the mean over its
    checkpoints. The top features and steps are kept as the explanation.
@@ -103,8 +104,12 @@ def feature_deviation(
             peers[i, :, j] = np.interp(tx, sx, sv[:, j])
         peers[i, ~inside, :] = np.nan
     enough = np.isfinite(peers[:, :, 0]).sum(axis=0) >= 2
-    q75, q25 = np.nanpercentile(others[features].to_numpy(float), [75, 25], axis=0)
-    floor = np.maximum(FEATURE_FLOOR * (q75 - q25), 1e-12)
+    reference = others[features].to_numpy(float)
+    q75, q25 = np.nanpercentile(reference, [75, 25], axis=0)
+    # a feature constant for most checkpoints (an eval at 0 before it is learned) has no
+    # inter-quartile range: fall back to its standard deviation
+    spread = np.where(q75 > q25, q75 - q25, np.nan_to_num(np.nanstd(reference, axis=0)))
+    floor = np.maximum(FEATURE_FLOOR * spread, 1e-12)
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         median = np.nanmedian(peers, axis=0)
