@@ -130,63 +130,33 @@ def _features(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from polymap.extraction import extract
-    from polymap.phases import fit_model_dir
-    from polymap.scoring import backtest, label_runs, score_runs
-    from polymap.suite import build, run_logs
+    from polymap.suite.demo import run_demo, summary_text
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
-    planted = "3,4" if args.seeds >= 5 else str(args.seeds - 1)
-    print(f"[1/5] training the built-in suite in {out / 'suite'} (finished runs are reused)")
-    manifest = build(
-        out / "suite",
-        seeds=f"0-{args.seeds - 1}",
-        steps=args.steps,
-        unstable=planted,
-        jobs=args.jobs,
-    )
-    print("[2/5] extracting features of every checkpoint")
-    features = out / "features.parquet"
-    table = extract(out / "suite", out=features, jobs=1, progress=True)
-    print("[3/5] fitting the training map (HMM, K selected by run-level cross-validation)")
-    (model,) = fit_model_dir(table, out / "model", n_jobs=-1, random_state=0).values()
-    print(f"      K={model.n_states_}: {model.reason_}")
-    print("[4/5] labelling instability from the runs' eval logs; scoring at horizon 0.25")
-    labels = label_runs(run_logs(out / "suite", "eval"), "val_loss")
-    labels.to_csv(out / "labels.csv", index=False)
-    scores = score_runs(table, model.n_states_, horizon=0.25)
-    scores.to_csv(out / "scores.csv", index=False)
-    print("[5/5] backtesting the early score against the labels")
-    from polymap.scoring import ScoringError
-
-    try:
-        result = backtest(table, labels, model.n_states_, (0.1, 0.25, 0.5), out / "backtest")
-    except ScoringError as err:
-        result = None
-        print(f"      backtest skipped: {err}")
+    summary = run_demo(args.out, seeds=args.seeds, steps=args.steps, jobs=args.jobs,
+                       lm_eval=not args.no_lm_eval)  # fmt: skip
     print()
-    planted_runs = {r["run"] for r in manifest["runs"] if r["planted"]}
-    unstable = dict(zip(labels["run"], labels["onset_step"], strict=True))
-    print(f"Training map: K={model.n_states_} states (see `polymap describe {out / 'model'}`)")
-    print(f"Risk at 25% of training (step {int(scores['horizon_step'].iloc[0])}):")
-    for rec in scores.itertuples():
-        tags = []
-        if rec.run in planted_runs:
-            tags.append("planted")
-        if labels.set_index("run").loc[rec.run, "unstable"]:
-            tags.append(f"became unstable at step {unstable[rec.run]}")
-        flag = "FLAGGED" if rec.flagged else "       "
-        print(f"  {flag} {rec.run:<14} risk {rec.risk:.2f}  {', '.join(tags)}")
-    if result is not None:
-        row = result[result["horizon"] == 0.25].iloc[0]
-        print(
-            f"Backtest at horizon 0.25: AUROC {row['auroc']:.2f}, average precision "
-            f"{row['average_precision']:.2f}, median lead {row['median_lead_steps']:.0f} steps"
-        )
-    print(f"Outputs in {out}: features.parquet, model/, labels.csv, scores.csv, backtest/")
-    return _report(table, features)
+    print(summary_text(summary))
+    return _report(summary["table"], Path(args.out) / "features.parquet")
+
+
+def _export(args: argparse.Namespace) -> int:
+    from polymap.export import export
+
+    files = export(
+        args.model_dir,
+        args.out,
+        scores=args.scores,
+        labels=args.labels,
+        metric=args.metric,
+        formats=args.format,
+        table=args.table,
+        backtest=args.backtest,
+        highlight_run=args.highlight,
+        step_scale=args.step_scale,
+        renderer=args.renderer,
+    )
+    print(f"{args.out}: {len(files)} file(s): {', '.join(p.name for p in files)}")
+    return EXIT_OK
 
 
 def _suite(args: argparse.Namespace) -> int:
@@ -470,7 +440,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=10, help="number of seeds in the suite")
     p.add_argument("--steps", type=int, default=400, help="training steps per run")
     p.add_argument("--jobs", type=int, default=2, help="runs trained in parallel")
+    p.add_argument("--no-lm-eval", action="store_true", help="skip the lm-eval stage")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("export", help="training-map graphs, figures and an HTML report")
+    p.add_argument("model_dir", metavar="MODEL_DIR")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--scores", default=None, help="SCORES.csv from polymap score")
+    p.add_argument("--labels", default=None, help="LABELS.csv from polymap label")
+    p.add_argument("--backtest", default=None, help="backtest.csv from polymap backtest")
+    p.add_argument("--metric", default=None, help="column overlaid on the timelines")
+    p.add_argument("--table", default=None, help="FEATURES.parquet (default: MODEL_DIR's)")
+    p.add_argument("--format", default="dot,json,png,svg,html", help="comma list")
+    p.add_argument("--highlight", default=None, help="run whose path is drawn in red")
+    p.add_argument("--step-scale", default="sqrt", choices=["sqrt", "log"])
+    p.add_argument("--renderer", default="matplotlib", choices=["matplotlib", "graphviz", "auto"])
+    p.set_defaults(func=_export)
     return parser
 
 
@@ -482,6 +467,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     from polymap.checkpoints import SourceError
+    from polymap.evals import EvalFileError
+    from polymap.evals.harness import HarnessError
+    from polymap.export import ExportError
     from polymap.phases import PhaseInputError
     from polymap.scoring import ScoringError
     from polymap.suite import SuiteError
@@ -492,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (
         SourceError,
+        EvalFileError,
+        HarnessError,
+        ExportError,
         TableError,
         TableLockedError,
         CorpusError,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 from conftest import SMALL
@@ -130,12 +132,54 @@ def test_demo_reduced_configuration(tmp_path, capsys):
     assert "nano-seed2" in printed
     # 24 steps are too short for the planted defect to show: the backtest says why.
     assert "backtest skipped: labels need both stable and unstable runs" in printed
-    for name in ("scores.csv", "labels.csv", "model/graph.json"):
+    for name in ("scores.csv", "labels.csv", "model/graph.json", "evals.parquet"):
         assert (out / name).exists(), name
+    assert "Report: " in printed and "Done in" in printed
     table = polymap.read_table(out / "features.parquet")
     assert len(table) == 3 * len(checkpoint_steps(24)) and (table["status"] == "ok").all()
-    # A second run reuses the suite and the table.
+    assert table["evals_native.loss"].notna().all()
+    # real lm-eval ran on 8 checkpoints per run and was ingested
+    evals = polymap.read_table(out / "evals.parquet")
+    assert len(evals) == 3 * 8 and evals["eval.suite_lastword.acc"].between(0, 1).all()
+    assert len(list((out / "lm-eval" / "results").rglob("results_*.json"))) == 24
+    report = out / "report"
+    for name in (
+        "report.html",
+        "training_map.png",
+        "training_map.svg",
+        "training_map.dot",
+        "training_map.json",
+        "timelines.png",
+        "risk.png",
+        "selection.png",
+    ):
+        assert (report / name).stat().st_size > 0, name
+    # A second run reuses the suite, the table and lm-eval's results.
+    capsys.readouterr()
     assert main(["demo", "--out", str(out), "--seeds", "3", "--steps", "24", "--jobs", "1"]) == 0
+    assert len(list((out / "lm-eval" / "results").rglob("results_*.json"))) == 24  # none redone
+    _run_notebook(out)
+
+
+def _run_notebook(demo_out):
+    """The walkthrough notebook executes top to bottom on the demo's outputs."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    path = Path(__file__).parent.parent / "notebooks" / "walkthrough.ipynb"
+    notebook = nbformat.read(path, as_version=4)
+    os.environ["POLYMAP_DEMO_OUT"] = str(demo_out)
+    try:
+        client = nbclient.NotebookClient(
+            notebook, timeout=600, kernel_name="python3",
+            resources={"metadata": {"path": str(path.parent)}},
+        )  # fmt: skip
+        client.execute()
+    finally:
+        os.environ.pop("POLYMAP_DEMO_OUT", None)
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3
+    assert (demo_out / "notebook-model" / "graph.json").exists()
 
 
 def test_training_map_on_a_suite(small_suite, tmp_path, capsys):

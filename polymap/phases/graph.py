@@ -115,9 +115,13 @@ def _num(value) -> float | None:
 
 def write_model_dir(model, table: pd.DataFrame, directory: str | Path) -> Path:
     """Save the model and its products: ``model.json``, ``arrays.npz``, ``selection.csv``,
-    ``paths.csv``, ``posteriors.parquet`` and ``graph.json``."""
+    ``paths.csv``, ``posteriors.parquet``, ``graph.json`` and ``table.parquet`` (the
+    training table, which ``polymap export`` draws metrics and features from)."""
+    from polymap.table import write_table
+
     directory = Path(directory)
     model.save(directory)
+    write_table(table, directory / "table.parquet")
     paths = model.predict(table)
     paths.to_csv(directory / "paths.csv", index=False)
     model.predict_proba(table).to_parquet(directory / "posteriors.parquet", index=False)

@@ -1,0 +1,228 @@
+"""The export's pictures, each a function of :class:`~polymap.export.inputs.ExportInputs`.
+
+- ``timelines``: one row per run, its decoded state as coloured bands over steps (sqrt or
+  log step axis), the chosen metric overlaid; flagged runs (from the scores) are grouped
+  at the top, unstable runs (from the labels) marked;
+- ``selection``: held-out log-likelihood per checkpoint, BIC and AIC against K (best
+  restart per K), the chosen K marked;
+- ``features``: the features that best separate the states (largest between-state
+  variance ratio in scaled units), per run over steps, points coloured by state;
+- ``risk``: runs ranked by risk with their three signal z-scores, labels marked.
+
+Every figure has a fixed size (``figsize`` x ``DPI`` pixels) so files are predictable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+from polymap.export.graphs import DPI, state_colors  # noqa: E402
+from polymap.export.inputs import ExportInputs  # noqa: E402
+
+N_TOP_FEATURES = 4
+
+
+def save(fig, paths: list[Path]) -> list[Path]:
+    for path in paths:
+        fig.savefig(path)
+    plt.close(fig)
+    return paths
+
+
+def figure_size(name: str, inputs: ExportInputs) -> tuple[float, float]:
+    """Inches of each figure (pixels = inches x DPI)."""
+    n_runs = len(inputs.runs)
+    return {
+        "timelines": (11.0, 1.2 + 0.42 * (n_runs + (1 if inputs.flagged else 0))),
+        "selection": (11.0, 3.4),
+        "features": (11.0, 2.6 * ((N_TOP_FEATURES + 1) // 2)),
+        "risk": (9.0, 1.3 + 0.34 * max(1, n_runs)),
+    }[name]
+
+
+def run_order(inputs: ExportInputs) -> list[str]:
+    """Flagged runs first (by decreasing risk), then the others by name."""
+    if inputs.scores is None:
+        return inputs.runs
+    risk = inputs.scores.set_index("run")["risk"]
+    flagged = sorted(inputs.flagged, key=lambda r: -float(risk.get(r, 0)))
+    return flagged + [r for r in inputs.runs if r not in inputs.flagged]
+
+
+def timelines(inputs: ExportInputs, paths: list[Path], step_scale: str = "sqrt") -> list[Path]:
+    k = inputs.graph["n_states"]
+    colors = state_colors(k)
+    order = run_order(inputs)
+    fig, ax = plt.subplots(figsize=figure_size("timelines", inputs), dpi=DPI, layout="constrained")
+    forward = np.sqrt if step_scale == "sqrt" else (lambda s: np.log10(1 + np.asarray(s)))
+    metric = inputs.metric
+    values = inputs.table.set_index(["run", "step"])[metric] if metric else None
+    lo = hi = None
+    if values is not None:
+        finite = values[np.isfinite(values)]
+        if len(finite):
+            lo, hi = np.nanpercentile(finite, [1, 99])
+    rows: list[str] = []
+    y = 0
+    for run in order:
+        if inputs.flagged and rows and rows[-1] in inputs.flagged and run not in inputs.flagged:
+            y += 1  # a gap between the flagged group and the rest
+            ax.axhline(-(y - 0.5), color="0.6", lw=0.6, ls=":")
+        path = inputs.paths[inputs.paths["run"] == run].sort_values("step")
+        x = forward(path["step"].to_numpy(float))
+        edges = np.concatenate([[x[0]], (x[:-1] + x[1:]) / 2, [x[-1]]])
+        for i, state in enumerate(path["state"].to_numpy()):
+            ax.add_patch(
+                plt.Rectangle(
+                    (edges[i], -y - 0.4), edges[i + 1] - edges[i], 0.8,
+                    color=colors[state], lw=0,
+                )
+            )  # fmt: skip
+        if values is not None and lo is not None and hi > lo:
+            v = np.array([values.get((run, s), np.nan) for s in path["step"]], dtype=float)
+            ax.plot(x, -y + 0.35 - 0.7 * (np.clip(v, lo, hi) - lo) / (hi - lo), color="black",
+                    lw=1.0)  # fmt: skip
+        rows.append(run)
+        y += 1
+    labels = []
+    for run in rows:
+        tag = " \u25b2" if run in inputs.flagged else ""
+        tag += " (unstable)" if run in inputs.unstable else ""
+        labels.append(run + tag)
+    ticks = []
+    y = 0
+    for i, run in enumerate(rows):
+        if i and inputs.flagged and rows[i - 1] in inputs.flagged and run not in inputs.flagged:
+            y += 1
+        ticks.append(-y)
+        y += 1
+    ax.set_yticks(ticks, labels, fontsize=8)
+    all_steps = np.unique(inputs.paths["step"].to_numpy(float))
+    ax.set_xlim(forward(all_steps.min()), forward(all_steps.max()))
+    ax.set_ylim(min(ticks) - 0.6, 0.6)
+    nice = [s for s in (0, 10, 100, 1000, 10_000, 100_000) if s <= all_steps.max()]
+    nice = sorted(set(nice + [int(all_steps.max() // 2), int(all_steps.max())]))
+    ax.set_xticks(forward(np.array(nice, float)), [str(s) for s in nice])
+    ax.set_xlabel(f"step ({step_scale} scale)")
+    title = "State of each run over training"
+    if metric:
+        title += f"; black line: {metric} (higher on the plot = lower value)"
+    if inputs.flagged:
+        title += "; \u25b2 flagged runs on top"
+    ax.set_title(title, fontsize=10)
+    ax.legend(
+        handles=[Patch(color=colors[s], label=f"state {s}") for s in range(k)],
+        loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False,
+    )  # fmt: skip
+    return save(fig, paths)
+
+
+def selection(inputs: ExportInputs, paths: list[Path]) -> list[Path]:
+    sel = inputs.model.selection_
+    fig, axes = plt.subplots(1, 3, figsize=figure_size("selection", inputs), dpi=DPI,
+                             layout="constrained")  # fmt: skip
+    chosen = inputs.graph["n_states"]
+    if sel.empty:
+        for ax in axes:
+            ax.text(0.5, 0.5, f"K={chosen} fixed (no selection)", ha="center", va="center")
+            ax.axis("off")
+        return save(fig, paths)
+    ok = sel[~sel["degenerate"].astype(bool)]
+    best = ok.loc[ok.groupby("k")["train_ll"].idxmax()] if len(ok) else sel
+    for ax, column, title in zip(
+        axes, ("heldout_ll", "bic", "aic"),
+        ("held-out log-lik. per checkpoint (higher better)", "BIC (lower better)",
+         "AIC (lower better)"),
+        strict=True,
+    ):  # fmt: skip
+        data = best.sort_values("k")
+        ax.plot(data["k"], data[column], "o-", color="0.25")
+        at = data[data["k"] == chosen]
+        if len(at):
+            ax.plot(at["k"], at[column], "o", ms=11, mfc="none", mec="crimson", mew=2)
+        ax.axvline(chosen, color="crimson", lw=0.8, ls=":")
+        ax.set_xlabel("K (states)")
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks(sorted(data["k"].unique()))
+    fig.suptitle(f"Model selection: K={chosen} chosen (red)", fontsize=10)
+    return save(fig, paths)
+
+
+def separating_features(inputs: ExportInputs, n: int = N_TOP_FEATURES) -> list[str]:
+    """Features with the largest between-state / within-state variance ratio."""
+    features = [f for f in inputs.graph.get("features", []) if f in inputs.table.columns]
+    data = inputs.table.merge(inputs.paths, on=["run", "step"])
+    ratios = {}
+    for feature in features:
+        x = data[feature].to_numpy(float)
+        ok = np.isfinite(x)
+        if ok.sum() < 3 or np.nanstd(x) == 0:
+            continue
+        groups = pd.Series(x[ok]).groupby(data["state"].to_numpy()[ok])
+        within = float((groups.var(ddof=0) * groups.size()).sum() / ok.sum())
+        between = float(np.nanvar(x[ok]) - within)
+        ratios[feature] = between / max(within, 1e-12 * np.nanvar(x[ok]))
+    return sorted(ratios, key=lambda f: -ratios[f])[:n]
+
+
+def features_figure(inputs: ExportInputs, paths: list[Path]) -> list[Path]:
+    top = separating_features(inputs)
+    colors = state_colors(inputs.graph["n_states"])
+    rows = (N_TOP_FEATURES + 1) // 2
+    fig, axes = plt.subplots(rows, 2, figsize=figure_size("features", inputs), dpi=DPI,
+                             layout="constrained", squeeze=False)  # fmt: skip
+    data = inputs.table.merge(inputs.paths, on=["run", "step"]).sort_values("step")
+    for ax, feature in zip(axes.flat, top + [None] * (axes.size - len(top)), strict=True):
+        if feature is None:
+            ax.axis("off")
+            continue
+        for _, grp in data.groupby("run"):
+            x = np.sqrt(grp["step"].to_numpy(float))
+            ax.plot(x, grp[feature], color="0.8", lw=0.6, zorder=1)
+            ax.scatter(x, grp[feature], c=[colors[s] for s in grp["state"]], s=7, zorder=2)
+        ax.set_title(feature, fontsize=9)
+        ax.set_xlabel("sqrt(step)", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.suptitle("Features that best separate the states (points coloured by state)", fontsize=10)
+    return save(fig, paths)
+
+
+def risk_figure(inputs: ExportInputs, paths: list[Path]) -> list[Path]:
+    fig, ax = plt.subplots(figsize=figure_size("risk", inputs), dpi=DPI, layout="constrained")
+    if inputs.scores is None:
+        ax.text(0.5, 0.5, "no scores given (polymap export --scores SCORES.csv)", ha="center")
+        ax.axis("off")
+        return save(fig, paths)
+    scores = inputs.scores.sort_values("risk", ascending=True)
+    y = np.arange(len(scores))
+    bar_colors = ["crimson" if f else "0.6" for f in scores["flagged"].astype(bool)]
+    ax.barh(y, scores["risk"], color=bar_colors, height=0.6)
+    labels = []
+    for rec in scores.itertuples():
+        mark = " (unstable)" if rec.run in inputs.unstable else ""
+        if inputs.labels is not None and rec.run not in inputs.unstable:
+            mark = " (stable)"
+        labels.append(f"{rec.run}{mark}")
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.set_xlim(0, 1.45)
+    ax.axvline(0.5, color="crimson", lw=0.8, ls=":")
+    signals = [c for c in ("path_z", "likelihood_z", "deviation_z") if c in scores.columns]
+    for rec_y, (_, rec) in zip(y, scores.iterrows(), strict=True):
+        text = "  ".join(f"{c.removesuffix('_z')} {rec[c]:+.1f}" for c in signals)
+        ax.text(1.02, rec_y, text, va="center", fontsize=7, family="monospace")
+    horizon = scores["horizon_step"].iloc[0] if "horizon_step" in scores.columns else None
+    title = "Outlier risk per run (red: flagged, risk >= 0.5); signal z-scores at right"
+    if horizon is not None and not pd.isna(horizon):
+        title += f"; checkpoints up to step {int(horizon)}"
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("risk")
+    ax.set_xticks([0, 0.25, 0.5, 0.75, 1.0])
+    return save(fig, paths)

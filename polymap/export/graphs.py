@@ -1,0 +1,253 @@
+"""The training map as a graph file: Graphviz DOT, JSON for other tools, PNG/SVG pictures.
+
+Nodes are states (occupancy, runs visiting, step range; detour states dashed), edges the
+transitions between different states with their probabilities (edge width grows with the
+probability), optionally one run's path highlighted. Pictures are drawn with matplotlib
+from a :mod:`networkx` graph, so no system Graphviz is needed; with ``renderer="graphviz"``
+(or ``"auto"`` when ``dot`` is on the PATH) Graphviz renders the DOT file instead.
+
+``training_map.json`` schema (``"schema": "polymap.training_map/1"``)::
+
+    {"schema", "n_states", "reason", "features", "highlight_run",
+     "nodes": [{"id", "label", "occupancy", "n_checkpoints", "n_runs", "step_range",
+                "entry_step_median", "self_probability", "detour", "color"}],
+     "edges": [{"source", "target", "probability", "count", "highlighted",
+                "top_features"}]}
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import networkx as nx  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.patches import Circle, FancyArrowPatch  # noqa: E402
+
+JSON_SCHEMA = "polymap.training_map/1"
+DPI = 100  # every PNG is figsize x DPI pixels (no tight bounding box)
+
+
+def state_colors(n_states: int) -> list[str]:
+    """One colour per state, shared by every picture (hex strings).
+
+    >>> state_colors(3)
+    ['#1f77b4', '#ff7f0e', '#2ca02c']
+    """
+    cmap = plt.get_cmap("tab10" if n_states <= 10 else "tab20")
+    return [matplotlib.colors.to_hex(cmap(i % cmap.N)) for i in range(n_states)]
+
+
+def run_path(paths, run: str) -> list[int]:
+    """The sequence of distinct states a run goes through (consecutive repeats merged)."""
+    seq = paths[paths["run"] == run].sort_values("step")["state"].tolist()
+    return [s for i, s in enumerate(seq) if i == 0 or s != seq[i - 1]]
+
+
+def _highlight_edges(paths, run: str | None) -> set[tuple[int, int]]:
+    if run is None:
+        return set()
+    seq = run_path(paths, run)
+    return set(zip(seq[:-1], seq[1:], strict=True))
+
+
+def _node_label(state: dict) -> str:
+    rng = state.get("step_range") or ["-", "-"]
+    return (
+        f"state {state['id']}\n{100 * state['occupancy']:.0f}% \u00b7 {state['n_runs']} runs\n"
+        f"steps {rng[0]}-{rng[1]}"
+    )
+
+
+def map_document(graph: dict, paths, highlight_run: str | None = None) -> dict:
+    """The JSON document of the training map (see module docs)."""
+    colors = state_colors(graph["n_states"])
+    hot = _highlight_edges(paths, highlight_run)
+    return {
+        "schema": JSON_SCHEMA,
+        "n_states": graph["n_states"],
+        "reason": graph.get("reason"),
+        "features": graph.get("features", []),
+        "highlight_run": highlight_run,
+        "nodes": [
+            {
+                "id": s["id"],
+                "label": _node_label(s),
+                "occupancy": s["occupancy"],
+                "n_checkpoints": s["n_checkpoints"],
+                "n_runs": s["n_runs"],
+                "step_range": s["step_range"],
+                "entry_step_median": s["entry_step_median"],
+                "self_probability": s["self_probability"],
+                "detour": bool(s["detour"]),
+                "color": colors[s["id"]],
+            }
+            for s in graph["states"]
+        ],
+        "edges": [
+            {
+                "source": t["source"],
+                "target": t["target"],
+                "probability": t["probability"],
+                "count": t["count"],
+                "highlighted": (t["source"], t["target"]) in hot,
+                "top_features": t.get("top_features", []),
+            }
+            for t in graph["transitions"]
+        ],
+    }
+
+
+def write_json(doc: dict, path: Path) -> Path:
+    path.write_text(json.dumps(doc, indent=1))
+    return path
+
+
+def _dot_quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def write_dot(doc: dict, path: Path) -> Path:
+    """Graphviz DOT: ``digraph training_map`` with nodes ``s<id>``."""
+    lines = [
+        "digraph training_map {",
+        '  rankdir=LR; node [shape=ellipse, style=filled, fontname="Helvetica"];',
+        f"  label={_dot_quote('training map: K=' + str(doc['n_states']))}; labelloc=t;",
+    ]
+    for node in doc["nodes"]:
+        style = '"filled,dashed"' if node["detour"] else "filled"
+        lines.append(
+            f"  s{node['id']} [label={_dot_quote(node['label'])}, fillcolor="
+            f'"{node["color"]}80", style={style}, occupancy={node["occupancy"]:.4f}, '
+            f"detour={str(node['detour']).lower()}];"
+        )
+    for edge in doc["edges"]:
+        width = 1 + 4 * edge["probability"]
+        color = "red" if edge["highlighted"] else "gray30"
+        label = _dot_quote(format(edge["probability"], ".2f"))
+        lines.append(
+            f"  s{edge['source']} -> s{edge['target']} [label={label}, penwidth={width:.2f}, "
+            f"color={color}, count={edge['count']}];"
+        )
+    lines.append("}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def layout(doc: dict) -> dict[int, tuple[float, float]]:
+    """Positions: x = order of entry (median entry step), y = main path 0, detours
+    above/below alternately. Deterministic."""
+    nodes = sorted(
+        doc["nodes"], key=lambda n: (n["entry_step_median"] is None, n["entry_step_median"] or 0)
+    )
+    pos, side = {}, 1
+    for x, node in enumerate(nodes):
+        y = 0.0
+        if node["detour"]:
+            y, side = 1.1 * side, -side
+        pos[node["id"]] = (float(x), y)
+    return pos
+
+
+def draw_map(doc: dict, png: Path | None, svg: Path | None, renderer: str = "auto") -> list[Path]:
+    """Draw the training map to PNG and/or SVG; returns the files written."""
+    dot = shutil.which("dot")
+    if renderer == "graphviz" or (renderer == "auto" and dot):
+        if not dot:
+            raise FileNotFoundError("renderer='graphviz' but Graphviz `dot` is not on PATH")
+        source = (png or svg).with_suffix(".dot")
+        written = []
+        for out, fmt in ((png, "png"), (svg, "svg")):
+            if out is not None:
+                subprocess.run([dot, f"-T{fmt}", str(source), "-o", str(out)], check=True)
+                written.append(out)
+        return written
+    graph = nx.DiGraph()
+    for node in doc["nodes"]:
+        graph.add_node(node["id"], **node)
+    for edge in doc["edges"]:
+        graph.add_edge(edge["source"], edge["target"], **edge)
+    pos = layout(doc)
+    width = max(6.0, 1.8 * len(doc["nodes"]))
+    fig, ax = plt.subplots(figsize=(width, 4.2), dpi=DPI, layout="constrained")
+    radius = 0.32
+    for u, v, data in graph.edges(data=True):
+        (x0, y0), (x1, y1) = pos[u], pos[v]
+        dx, dy = x1 - x0, y1 - y0
+        norm = max(float(np.hypot(dx, dy)), 1e-9)
+        # arcs: both directions of a pair apart, long or backward edges around the nodes
+        rad = 0.0
+        if graph.has_edge(v, u):
+            rad = 0.2
+        if abs(dx) > 1.01 or dx < 0:
+            rad = 0.3
+        arrow = FancyArrowPatch(
+            (x0, y0),
+            (x1, y1),
+            connectionstyle=f"arc3,rad={rad}",
+            arrowstyle="-|>",
+            mutation_scale=14,
+            lw=0.8 + 4 * data["probability"],
+            color="crimson" if data["highlighted"] else "0.35",
+            shrinkA=radius * 72,
+            shrinkB=radius * 72,
+            gid=f"edge-{u}-{v}",
+        )
+        ax.add_patch(arrow)
+        # matplotlib's arc3 control point is mid + rad * (dy, -dx); the curve's apex is
+        # halfway to it; the label sits just outside the apex
+        side = (dy / norm, -dx / norm) if rad else (-dy / norm, dx / norm)
+        apex = ((x0 + x1) / 2 + rad / 2 * dy, (y0 + y1) / 2 - rad / 2 * dx)
+        ax.annotate(
+            f"{data['probability']:.2f}",
+            (apex[0] + 0.13 * side[0], apex[1] + 0.13 * side[1]),
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="0.2",
+        )
+    for node_id, data in graph.nodes(data=True):
+        x, y = pos[node_id]
+        ax.add_patch(
+            Circle(
+                (x, y),
+                radius,
+                facecolor=data["color"],
+                alpha=0.85,
+                edgecolor="black",
+                linestyle="--" if data["detour"] else "-",
+                lw=1.2,
+                gid=f"state-{node_id}",
+            )
+        )
+        ax.text(x, y, str(node_id), ha="center", va="center", fontsize=12, weight="bold")
+        rng = data["step_range"] or ["-", "-"]
+        ax.text(
+            x,
+            y - radius - 0.08,
+            f"{100 * data['occupancy']:.0f}%, {data['n_runs']} runs\nsteps {rng[0]}-{rng[1]}",
+            ha="center",
+            va="top",
+            fontsize=7,
+        )
+    xs = np.array([p[0] for p in pos.values()] or [0.0])
+    ax.set_xlim(xs.min() - 0.7, xs.max() + 0.7)
+    ax.set_ylim(-1.9, 1.7)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    title = f"Training map: K={doc['n_states']} (dashed: detour states"
+    title += f"; red: {doc['highlight_run']}'s path)" if doc.get("highlight_run") else ")"
+    ax.set_title(title, fontsize=10)
+    written = []
+    for out in (png, svg):
+        if out is not None:
+            fig.savefig(out)
+            written.append(out)
+    plt.close(fig)
+    return written

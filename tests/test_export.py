@@ -1,0 +1,194 @@
+"""polymap export: each file is valid (PNG size, SVG/DOT structure, JSON schema), the report
+renders in headless Chromium, and bad input gets clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.image import imread
+
+import polymap
+from polymap.cli import main
+from polymap.export import ExportError, export, load_inputs
+from polymap.export.figures import figure_size
+from polymap.export.graphs import DPI, JSON_SCHEMA
+from polymap.phases import fit_model_dir
+from polymap.scoring import score_runs
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def fitted(small_suite, tmp_path_factory):
+    """A MODEL_DIR on the small suite, scores at half of training, labels (seed 2 bad)."""
+    root = tmp_path_factory.mktemp("export")
+    table = polymap.extract(small_suite, features="hu2023", device="cpu", progress=False)
+    (model,) = fit_model_dir(table, root / "model", n_states=3, restarts=2).values()
+    scores = score_runs(table, model.n_states_, horizon=0.5)
+    scores.loc[scores["run"] == "pico-seed2", "flagged"] = True  # one flagged run to group
+    scores.to_csv(root / "scores.csv", index=False)
+    labels = pd.DataFrame(
+        {"run": ["pico-seed0", "pico-seed1", "pico-seed2"], "unstable": [False, False, True],
+         "onset_step": [None, None, 20]}
+    )  # fmt: skip
+    labels.to_csv(root / "labels.csv", index=False)
+    pd.DataFrame({"horizon": [0.5], "auroc": [1.0]}).to_csv(root / "backtest.csv", index=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def exported(fitted):
+    out = fitted / "out"
+    files = export(
+        fitted / "model", out, scores=fitted / "scores.csv", labels=fitted / "labels.csv",
+        backtest=fitted / "backtest.csv", metric="hu2023.l2",
+    )  # fmt: skip
+    return out, files
+
+
+def test_every_file_is_written(exported):
+    out, files = exported
+    assert sorted(p.name for p in files) == sorted(
+        ["training_map.dot", "training_map.json", "training_map.png", "training_map.svg",
+         "timelines.png", "timelines.svg", "selection.png", "features.png", "risk.png",
+         "report.html"]
+    )  # fmt: skip
+
+
+def test_pngs_decode_to_their_sizes(exported, fitted):
+    out, _ = exported
+    inputs = load_inputs(fitted / "model", fitted / "scores.csv", fitted / "labels.csv")
+    k = inputs.graph["n_states"]
+    expected = {"training_map": (max(6.0, 1.8 * k), 4.2)}
+    for name in ("timelines", "selection", "features", "risk"):
+        expected[name] = figure_size(name, inputs)
+    for name, (w, h) in expected.items():
+        pixels = imread(out / f"{name}.png")
+        assert pixels.shape[:2] == (round(h * DPI), round(w * DPI)), name
+        assert pixels[..., :3].std() > 0.05, f"{name}.png is blank"
+
+
+def test_graph_files_match_the_model(exported, fitted):
+    import pydot
+
+    out, _ = exported
+    graph = json.loads((fitted / "model" / "graph.json").read_text())
+    k, n_edges = graph["n_states"], len(graph["transitions"])
+    # DOT parses, with one node per state and one edge per transition
+    (dot,) = pydot.graph_from_dot_file(str(out / "training_map.dot"))
+    nodes = [n for n in dot.get_nodes() if n.get_name().startswith("s")]
+    assert sorted(n.get_name() for n in nodes) == [f"s{i}" for i in range(k)]
+    assert len(dot.get_edges()) == n_edges
+    # SVG parses, with one drawn node per state and one arrow per transition
+    svg = ET.parse(out / "training_map.svg").getroot()
+    ids = [e.get("id", "") for e in svg.iter()]
+    assert sorted(i for i in ids if i.startswith("state-")) == [f"state-{i}" for i in range(k)]
+    assert len([i for i in ids if i.startswith("edge-")]) == n_edges
+    ET.parse(out / "timelines.svg")
+    # JSON has the documented schema
+    doc = json.loads((out / "training_map.json").read_text())
+    assert doc["schema"] == JSON_SCHEMA and doc["n_states"] == k
+    assert {"nodes", "edges", "features", "highlight_run", "reason"} <= set(doc)
+    for node in doc["nodes"]:
+        assert set(node) >= {"id", "label", "occupancy", "n_runs", "step_range", "detour", "color"}
+        assert node["color"].startswith("#") and 0 <= node["occupancy"] <= 1
+    assert abs(sum(n["occupancy"] for n in doc["nodes"]) - 1) < 1e-9
+    for edge in doc["edges"]:
+        assert set(edge) >= {"source", "target", "probability", "count", "highlighted"}
+    # the flagged run's path is the highlighted one
+    assert doc["highlight_run"] == "pico-seed2"
+    paths = pd.read_csv(fitted / "model" / "paths.csv")
+    seq = paths[paths["run"] == "pico-seed2"].sort_values("step")["state"].tolist()
+    steps = {(a, b) for a, b in zip(seq[:-1], seq[1:], strict=True) if a != b}
+    assert {(e["source"], e["target"]) for e in doc["edges"] if e["highlighted"]} == steps
+
+
+def test_report_is_self_contained(exported):
+    out, _ = exported
+    text = (out / "report.html").read_text()
+    assert "http://" not in text and "https://" not in text and "<script" not in text
+    assert text.count('src="data:image/png;base64,') == 5
+    assert "pico-seed2" in text and "Backtest" in text and "Training map, in words" in text
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium not installed")
+def test_report_renders_in_headless_chromium(exported):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    out, _ = exported
+    flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=flags)
+        page = browser.new_page()
+        messages, requests = [], []
+        page.on("console", lambda m: messages.append((m.type, m.text)))
+        page.on("pageerror", lambda e: messages.append(("pageerror", str(e))))
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto((out / "report.html").resolve().as_uri())
+        images = page.evaluate(
+            "Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight])"
+        )
+        title = page.title()
+        browser.close()
+    assert title == "polymap report"
+    assert not [m for m in messages if m[0] in ("error", "pageerror", "warning")], messages
+    assert len(images) == 5 and all(ok and w > 100 and h > 100 for ok, w, h in images)
+    assert all(url.startswith(("file:", "data:")) for url in requests), requests
+
+
+def test_cli_export_and_formats(fitted, tmp_path, capsys):
+    out = tmp_path / "only"
+    assert main(["export", str(fitted / "model"), "--out", str(out), "--format", "dot,json"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["training_map.dot", "training_map.json"]
+    assert "2 file(s)" in capsys.readouterr().out
+
+
+def test_bad_input_is_a_clear_error(fitted, tmp_path, capsys):
+    model = fitted / "model"
+    # an output path that is a file
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ExportError, match="not a directory"):
+        export(model, tmp_path / "file")
+    # a metric column that does not exist
+    with pytest.raises(ExportError, match="--metric 'nope'"):
+        export(model, tmp_path / "a", metric="nope")
+    # scores for runs the model does not know
+    pd.DataFrame({"run": ["ghost"], "risk": [0.9], "flagged": [True]}).to_csv(
+        tmp_path / "s.csv", index=False
+    )
+    with pytest.raises(ExportError, match="ghost"):
+        export(model, tmp_path / "b", scores=tmp_path / "s.csv")
+    # a model directory from an older or foreign version
+    old = tmp_path / "old"
+    shutil.copytree(model, old)
+    meta = json.loads((old / "model.json").read_text())
+    meta["format_version"] = 99
+    (old / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ExportError, match="format version 99"):
+        export(old, tmp_path / "c")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "model.json").write_text(json.dumps({"format": "sklearn"}))
+    assert main(["export", str(foreign), "--out", str(tmp_path / "d")]) == 2
+    assert "not a polymap.PhaseModel" in capsys.readouterr().err
+    # nothing was written for the failed calls
+    assert not any((tmp_path / n).exists() for n in ("a", "b", "c", "d"))
+    # an older MODEL_DIR without table.parquet needs --table
+    (old / "table.parquet").unlink()
+    meta["format_version"] = 1
+    (old / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ExportError, match="--table"):
+        export(old, tmp_path / "e")
+
+
+def test_timeline_metric_values_come_from_the_table(fitted):
+    inputs = load_inputs(fitted / "model", metric="hu2023.l2")
+    table = inputs.table.set_index(["run", "step"])
+    assert inputs.metric == "hu2023.l2"
+    assert np.isfinite(table["hu2023.l2"]).all()
+    assert len(table) == len(inputs.paths)
