@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -39,6 +37,8 @@ from polymap.checkpoints import (
     read_config,
     resolve_sources,
 )
+from polymap.checkpoints.prefetch import HubPrefetcher
+from polymap.executors import DEFAULT_RETRIES, Executor, LocalExecutor, TaskFailed, get_executor
 from polymap.features import CheckpointContext, FeatureUnavailableError, Param, get_feature_sets
 from polymap.features.base import FeatureSet
 from polymap.features.probe import ProbeSpec, build_probe, load_causal_lm, max_positions
@@ -207,8 +207,12 @@ def _floating_tensors(reader: TensorReader, params: list) -> Iterator[tuple]:
             yield name, role, raw
 
 
-def _worker_init(threads: int) -> None:
-    torch.set_num_threads(threads)
+def _with_prefetch(tasks: list[tuple], prefetch: HubPrefetcher | None) -> Iterator[tuple]:
+    """Tasks in order, each hub checkpoint's download awaited (and started ahead)."""
+    for task in tasks:
+        if prefetch is not None:
+            prefetch.wait(task[0])
+        yield task
 
 
 def _pending(
@@ -259,6 +263,11 @@ def extract(
     delete_after: bool = False,
     progress: bool = True,
     probe: ProbeSpec | None = None,
+    executor: str | Executor | None = None,
+    address: str | None = None,
+    gpus_per_task: float = 0,
+    retries: int = DEFAULT_RETRIES,
+    max_on_disk: int = 2,
 ) -> pd.DataFrame:
     """Extract feature rows for every checkpoint in ``sources``.
 
@@ -266,6 +275,12 @@ def extract(
     checkpoints already there (same run, step and fingerprint, with these feature sets)
     are skipped, and the whole table is returned. Without ``out`` only the new rows are
     returned.
+
+    ``executor``: ``local`` (this process), ``process`` (``jobs`` worker processes) or
+    ``ray`` (one Ray task per checkpoint, ``address`` of the cluster, ``gpus_per_task``);
+    default ``process`` when ``jobs > 1``. A checkpoint whose worker dies is retried
+    ``retries`` times, then recorded as ``failed``. Hub checkpoints are downloaded ahead
+    by the local executor with at most ``max_on_disk`` on disk (use ``delete_after``).
 
     Examples
     --------
@@ -310,24 +325,22 @@ def extract(
             bar.set_postfix_str(f"{row['run']}@{row['step']} {row['status']}")
             bar.update()
 
-        args = [(ref, names, device, initial_of.get(ref.run), delete_after, probe) for ref in todo]
-        if jobs <= 1 or len(todo) <= 1:
-            for a in args:
-                finished(extract_checkpoint(*a))
-        else:
-            threads = max(1, (os.cpu_count() or 1) // jobs)
-            import multiprocessing as mp
-
-            pool = ProcessPoolExecutor(
-                jobs,
-                mp_context=mp.get_context("spawn"),
-                initializer=_worker_init,
-                initargs=(threads,),
-            )
-            with pool:
-                futures = {pool.submit(extract_checkpoint, *a): a[0] for a in args}
-                for future in as_completed(futures):
-                    finished(future.result())
+        tasks = [(ref, names, device, initial_of.get(ref.run), delete_after, probe) for ref in todo]
+        if executor is None:
+            executor = "process" if jobs > 1 and len(todo) > 1 else "local"
+        if isinstance(executor, str):
+            executor = get_executor(executor, jobs=jobs, address=address,
+                                    gpus_per_task=gpus_per_task, retries=retries)  # fmt: skip
+        prefetch = None
+        if isinstance(executor, LocalExecutor) and any(r.is_hub for r in todo):
+            prefetch = stack.enter_context(HubPrefetcher(todo, max_on_disk=max_on_disk))
+        stack.enter_context(executor)
+        for task, result in executor.run(extract_checkpoint, _with_prefetch(tasks, prefetch)):
+            if isinstance(result, TaskFailed):
+                result = _base_row(task[0], sets) | {"status": "failed", "error": result.reason}
+            if prefetch is not None:
+                prefetch.release(task[0])
+            finished(result)
         log.info("extracted %d checkpoint(s) in %.1fs", len(rows), time.perf_counter() - started)
         if store is not None:
             return store.compact()

@@ -18,9 +18,12 @@ on.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +57,14 @@ def _import_lm_eval():
     except ImportError as err:  # pragma: no cover - lm-eval is a dependency
         raise HarnessError(f"lm-eval is not importable ({err}); pip install 'lm-eval[hf]'") from err
     return lm_eval, EvaluationTracker, HFLM, TaskManager
+
+
+@contextmanager
+def _quiet_inner_bars():
+    """lm-eval draws several progress bars per checkpoint on ``sys.stderr``; one bar per
+    sweep (ours, created before) is enough. Their output goes to a discarded buffer."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield
 
 
 def describe_checkpoint(ref: CheckpointRef) -> str:
@@ -128,13 +139,14 @@ def run_harness(
     else:
         refs = resolve_sources(sources, steps)
     report = HarnessReport()
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # per-example truncation warnings
     for ref in tqdm(refs, desc="lm-eval", unit="ckpt", disable=not progress):
         directory = results_dir(out, ref)
         if set(task_names) <= _done_tasks(directory):
             report.skipped += 1
             continue
         try:
-            with materialize(ref) as local:
+            with materialize(ref) as local, _quiet_inner_bars():
                 lm = HFLM(pretrained=str(local), device=dev, batch_size=batch_size, dtype="float32")
                 tracker = EvaluationTracker(output_path=str(directory / "results.json"))
                 results = lm_eval.simple_evaluate(

@@ -171,6 +171,8 @@ def summary_text(summary: dict) -> str:
     if summary["evals"] is not None:
         lines.append(f"lm-eval scores: {summary['evals']}")
     lines.append(f"Report: {summary['report']}")
-    minutes, seconds = divmod(summary["timings"]["total"], 60)
-    lines.append(f"Done in {int(minutes)} min {seconds:.0f} s. Outputs in {out}/")
+    timings = summary["timings"]
+    minutes, seconds = divmod(timings["total"], 60)
+    stages = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items() if k != "total")
+    lines.append(f"Done in {int(minutes)} min {seconds:.0f} s ({stages}). Outputs in {out}/")
     return "\n".join(lines)
