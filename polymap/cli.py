@@ -26,6 +26,11 @@ def _extract(args: argparse.Namespace) -> int:
         delete_after=args.delete_after,
         progress=not args.quiet,
         probe=_probe_spec(args),
+        executor=args.executor,
+        address=args.address,
+        gpus_per_task=args.gpus_per_task,
+        retries=args.retries,
+        max_on_disk=args.max_on_disk,
     )
     return _report(table, args.out)
 
@@ -328,7 +333,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", default=None, help="comma list (default hu2023,weights,spectral)")
     p.add_argument("--steps", default=None, help="all | eval | list/ranges like 0,1000-5000")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--jobs", type=int, default=1, help="parallel worker processes")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes (--executor process)")
+    p.add_argument(
+        "--executor",
+        default=None,
+        choices=["local", "process", "ray"],
+        help="where checkpoints are extracted (default: process if --jobs > 1)",
+    )
+    p.add_argument("--address", default=None, help="Ray cluster: auto, HOST:PORT, ray://HOST:PORT")
+    p.add_argument("--gpus-per-task", type=float, default=0, help="GPUs per Ray task")
+    p.add_argument("--retries", type=int, default=2, help="retries of a task whose worker died")
+    p.add_argument(
+        "--max-on-disk",
+        type=int,
+        default=2,
+        help="hub checkpoints on disk at once (with --delete-after)",
+    )
     p.add_argument(
         "--delete-after", action="store_true", help="delete hub downloads after extracting each"
     )
@@ -469,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     from polymap.checkpoints import SourceError
     from polymap.evals import EvalFileError
     from polymap.evals.harness import HarnessError
+    from polymap.executors import ExecutorError
     from polymap.export import ExportError
     from polymap.phases import PhaseInputError
     from polymap.scoring import ScoringError
@@ -483,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         EvalFileError,
         HarnessError,
         ExportError,
+        ExecutorError,
         TableError,
         TableLockedError,
         CorpusError,

@@ -102,41 +102,56 @@ class ProcessExecutor(Executor):
         )
 
     def run(self, fn, tasks):
-        queue = deque((task, 1) for task in tasks)
+        # A dead worker breaks the whole pool, so when several tasks were running the
+        # culprit is unknown: they are re-run one at a time ("suspects"), and only a task
+        # that kills its worker while running alone is charged an attempt.
+        queue = deque(tasks)
+        suspects: deque = deque()  # (task, crashes so far)
         running: dict = {}
         self._pool = self._new_pool()
         try:
-            while queue or running:
-                while queue and len(running) < self.jobs:
-                    task, attempt = queue.popleft()
-                    running[self._pool.submit(fn, *task)] = (task, attempt)
+            while queue or suspects or running:
+                if not running:
+                    if suspects:
+                        task, crashes = suspects.popleft()
+                        running[self._pool.submit(fn, *task)] = (task, crashes)
+                    else:
+                        while queue and len(running) < self.jobs:
+                            task = queue.popleft()
+                            running[self._pool.submit(fn, *task)] = (task, None)
                 done, _ = wait(list(running), return_when=FIRST_COMPLETED)
-                broken = False
-                for future in done:
-                    task, attempt = running.pop(future)
-                    try:
+                if not any(isinstance(f.exception(), BrokenProcessPool) for f in done):
+                    for future in done:
+                        task, _ = running.pop(future)
                         yield task, future.result()
-                    except BrokenProcessPool:
-                        broken = True
-                        if attempt > self.retries:
+                    if suspects:  # finish the suspects alone before taking new work
+                        continue
+                    while queue and len(running) < self.jobs and not suspects:
+                        task = queue.popleft()
+                        running[self._pool.submit(fn, *task)] = (task, None)
+                    continue
+                alone = len(running) == 1
+                for future, (task, crashes) in list(running.items()):
+                    if future.done() and not isinstance(future.exception(), BrokenProcessPool):
+                        yield task, future.result()
+                        continue
+                    if alone:
+                        crashes = (crashes or 0) + 1
+                        if crashes > self.retries:
                             yield (
                                 task,
                                 TaskFailed(
-                                    f"worker process died {attempt} time(s) on this checkpoint "
+                                    f"worker process died {crashes} time(s) on this checkpoint "
                                     "(killed or out of memory?)",
-                                    attempt,
+                                    crashes,
                                 ),
                             )
-                        else:
-                            log.warning("worker died on %s; retrying (%d)", task[0], attempt)
-                            queue.append((task, attempt + 1))
-                if broken:
-                    # every task still running shared the dead pool: charge and requeue them
-                    for task, attempt in running.values():
-                        queue.appendleft((task, attempt))
-                    running.clear()
-                    self._pool.shutdown(wait=False, cancel_futures=True)
-                    self._pool = self._new_pool()
+                            continue
+                        log.warning("worker died on %s; retrying (%d)", task[0], crashes)
+                    suspects.append((task, crashes or 0))
+                running.clear()
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = self._new_pool()
         finally:
             self.close()
 

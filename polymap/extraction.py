@@ -17,6 +17,7 @@ sweep goes on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -33,6 +34,7 @@ from polymap.checkpoints import (
     CheckpointRef,
     TensorReader,
     fingerprint,
+    hub,
     materialize,
     read_config,
     resolve_sources,
@@ -298,7 +300,11 @@ def extract(
         refs = sorted(sources, key=lambda r: (r.run, r.step))
     else:
         refs = resolve_sources(sources, steps)
-    initial_of = {r.run: r for r in refs if r.step == 0}
+    # the run's step-0 checkpoint, for the sets that compare with it; with delete_after it
+    # stays on disk until the sweep ends (one extra checkpoint per run)
+    needs_initial = any(s.needs_initial for s in sets)
+    initial_of = {r.run: r for r in refs if r.step == 0} if needs_initial else {}
+    keep = set(initial_of.values()) if delete_after else set()
     store = FeatureStore(out) if out is not None else None
     rows: list[dict] = []
     with ExitStack() as stack:
@@ -325,7 +331,10 @@ def extract(
             bar.set_postfix_str(f"{row['run']}@{row['step']} {row['status']}")
             bar.update()
 
-        tasks = [(ref, names, device, initial_of.get(ref.run), delete_after, probe) for ref in todo]
+        tasks = [
+            (ref, names, device, initial_of.get(ref.run), delete_after and ref not in keep, probe)
+            for ref in todo
+        ]
         if executor is None:
             executor = "process" if jobs > 1 and len(todo) > 1 else "local"
         if isinstance(executor, str):
@@ -341,6 +350,10 @@ def extract(
             if prefetch is not None:
                 prefetch.release(task[0])
             finished(result)
+        for ref in keep:
+            if ref.is_hub:
+                with contextlib.suppress(CheckpointError):
+                    hub.release(hub.fetch(ref))
         log.info("extracted %d checkpoint(s) in %.1fs", len(rows), time.perf_counter() - started)
         if store is not None:
             return store.compact()

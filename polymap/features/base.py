@@ -160,6 +160,8 @@ class FeatureSet:
     documentation: ClassVar[dict[str, str]] = {}
     #: True for sets computed from the assembled model (forward/backward passes).
     needs_model: ClassVar[bool] = False
+    #: True for sets that compare with the run's step-0 checkpoint (``Param.initial``).
+    needs_initial: ClassVar[bool] = False
 
     def __init__(self, context: CheckpointContext):
         self.context = context

@@ -62,6 +62,7 @@ class _Group:
 class Weights(FeatureSet):
     name = "weights"
     moment_order = 4
+    needs_initial = True
     documentation = {
         "weights.<group>.fro": "Frobenius norm of the group's weights",
         "weights.<group>.rms": "root mean square weight",
