@@ -85,6 +85,7 @@ def extract_checkpoint(
     initial: CheckpointRef | None = None,
     delete_after: bool = False,
     probe: ProbeSpec | None = None,
+    final: CheckpointRef | None = None,
 ) -> dict:
     """Feature row of one checkpoint. Never raises for a bad checkpoint: the row's
     ``status`` and ``error`` say what went wrong.
@@ -104,13 +105,8 @@ def extract_checkpoint(
         with ExitStack() as stack:
             directory = stack.enter_context(materialize(ref, delete_after=delete_after))
             reader = stack.enter_context(TensorReader(directory))
-            initial_reader = None
-            if initial is not None:
-                try:
-                    initial_dir = stack.enter_context(materialize(initial))
-                    initial_reader = stack.enter_context(TensorReader(initial_dir))
-                except CheckpointError as err:
-                    warnings.append(f"step-0 checkpoint unreadable, no rel_dist ({err})")
+            initial_reader = _open_other(stack, initial, ref, "step-0", warnings)
+            final_reader = _open_other(stack, final, ref, "final", warnings)
             try:
                 config = read_config(directory)
             except CheckpointError as err:
@@ -124,8 +120,9 @@ def extract_checkpoint(
                 kind = (config or {}).get("model_type") or "unrecognised names"
                 warnings.append(f"unknown architecture ({kind}); roles by name heuristics")
             context = CheckpointContext(
-                ref, config, arch, dev, initial_reader, Path(directory), probe or ProbeSpec()
-            )
+                ref, config, arch, dev, initial_reader, final_reader, Path(directory),
+                probe or ProbeSpec(),
+            )  # fmt: skip
             features, nonfinite, set_warnings = _run_feature_sets(reader, context, sets)
             row.update(features)
             warnings.extend(set_warnings)
@@ -145,6 +142,17 @@ def extract_checkpoint(
     return row
 
 
+def _open_other(stack, other: CheckpointRef | None, ref: CheckpointRef, what: str, warnings):
+    """A reader of the run's step-0 or final checkpoint (None if absent or unreadable)."""
+    if other is None:
+        return None
+    try:
+        return stack.enter_context(TensorReader(stack.enter_context(materialize(other))))
+    except CheckpointError as err:
+        warnings.append(f"{what} checkpoint unreadable, features comparing with it skipped ({err})")
+        return None
+
+
 def _run_feature_sets(
     reader: TensorReader, context: CheckpointContext, sets: Sequence[type[FeatureSet]]
 ) -> tuple[dict, int, list[str]]:
@@ -160,14 +168,14 @@ def _run_feature_sets(
     order = max(s.moment_order for s in instances)
     nonfinite = 0
     for name, role, raw in _floating_tensors(reader, params):
-        param = Param(name, role, raw, dev, context.initial, order)
+        param = Param(name, role, raw, dev, context.initial, order, context.final)
         for instance in instances:
             instance.add(param)
         nonfinite += param.nonfinite_count
         del param, raw
     again = [(n, r) for n, r in params if any(s.wants_again(n) for s in instances)]
     for name, role, raw in _floating_tensors(reader, again):
-        param = Param(name, role, raw, dev, context.initial, order)
+        param = Param(name, role, raw, dev, context.initial, order, context.final)
         for instance in instances:
             if instance.wants_again(name):
                 instance.add_again(param)
@@ -304,7 +312,14 @@ def extract(
     # stays on disk until the sweep ends (one extra checkpoint per run)
     needs_initial = any(s.needs_initial for s in sets)
     initial_of = {r.run: r for r in refs if r.step == 0} if needs_initial else {}
-    keep = set(initial_of.values()) if delete_after else set()
+    # the run's last checkpoint (its latest in this sweep) for sets that compare with it
+    needs_final = any(s.needs_final for s in sets)
+    final_of = {}
+    if needs_final:
+        for r in refs:
+            if r.run not in final_of or r.step > final_of[r.run].step:
+                final_of[r.run] = r
+    keep = set(initial_of.values()) | set(final_of.values()) if delete_after else set()
     store = FeatureStore(out) if out is not None else None
     rows: list[dict] = []
     with ExitStack() as stack:
@@ -332,9 +347,10 @@ def extract(
             bar.update()
 
         tasks = [
-            (ref, names, device, initial_of.get(ref.run), delete_after and ref not in keep, probe)
+            (ref, names, device, initial_of.get(ref.run), delete_after and ref not in keep, probe,
+             final_of.get(ref.run))
             for ref in todo
-        ]
+        ]  # fmt: skip
         if executor is None:
             executor = "process" if jobs > 1 and len(todo) > 1 else "local"
         if isinstance(executor, str):

@@ -2,7 +2,17 @@
 
 # Importing a feature-set module registers it.
 
-from polymap.features import evals_native, hu2023, spectral, weights  # noqa: F401
+from polymap.features import (  # noqa: F401
+    activations,
+    drift,
+    embedding,
+    evals_native,
+    gradients,
+    hu2023,
+    shape,
+    spectral,
+    weights,
+)
 from polymap.features.base import (
     DEFAULT_FEATURE_SETS,
     CheckpointContext,

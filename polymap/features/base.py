@@ -58,6 +58,7 @@ class CheckpointContext:
     architecture: Architecture
     device: torch.device
     initial: TensorReader | None = None  # the run's step-0 checkpoint, when there is one
+    final: TensorReader | None = None  # the run's last checkpoint (for ``needs_final`` sets)
     directory: Path | None = None  # the local checkpoint directory
     probe: object | None = None  # polymap.features.probe.ProbeSpec for model-level sets
 
@@ -81,6 +82,7 @@ class Param:
         device: torch.device,
         initial: TensorReader | None = None,
         moment_order: int = 4,
+        final: TensorReader | None = None,
     ):
         self.name = name
         self.moment_order = moment_order
@@ -88,6 +90,7 @@ class Param:
         self.raw = raw
         self.device = device
         self._initial_reader = initial
+        self._final_reader = final
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -141,13 +144,20 @@ class Param:
     def singular_values(self) -> torch.Tensor:
         return self.gram_eigenvalues.sqrt()
 
-    @cached_property
-    def initial(self) -> torch.Tensor | None:
-        """This tensor in the run's step-0 checkpoint (float32, same device), if any."""
-        reader = self._initial_reader
+    def _counterpart(self, reader: TensorReader | None) -> torch.Tensor | None:
         if reader is None or self.name not in reader or reader.shape(self.name) != self.shape:
             return None
         return reader.get(self.name).to(device=self.device, dtype=torch.float32)
+
+    @cached_property
+    def initial(self) -> torch.Tensor | None:
+        """This tensor in the run's step-0 checkpoint (float32, same device), if any."""
+        return self._counterpart(self._initial_reader)
+
+    @cached_property
+    def final(self) -> torch.Tensor | None:
+        """This tensor in the run's last checkpoint (float32, same device), if any."""
+        return self._counterpart(self._final_reader)
 
 
 class FeatureSet:
@@ -162,6 +172,8 @@ class FeatureSet:
     needs_model: ClassVar[bool] = False
     #: True for sets that compare with the run's step-0 checkpoint (``Param.initial``).
     needs_initial: ClassVar[bool] = False
+    #: True for sets that compare with the run's last checkpoint (``Param.final``).
+    needs_final: ClassVar[bool] = False
 
     def __init__(self, context: CheckpointContext):
         self.context = context

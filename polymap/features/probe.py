@@ -134,7 +134,8 @@ def build_probe(spec: ProbeSpec, directory: Path, max_length: int | None = None)
 
 
 def load_causal_lm(directory: Path, device: torch.device):
-    """The checkpoint as a float32 transformers causal LM in eval mode on ``device``.
+    """The checkpoint as a float32 transformers causal LM in eval mode on ``device``, with
+    eager attention (so attention probabilities can be returned).
 
     Weights load through transformers (safetensors; ``.bin`` only with
     ``weights_only=True``); a model type without a causal-LM head is
@@ -150,7 +151,7 @@ def load_causal_lm(directory: Path, device: torch.device):
         )
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            directory, dtype=torch.float32, local_files_only=True
+            directory, dtype=torch.float32, local_files_only=True, attn_implementation="eager"
         )
     except ValueError as err:
         raise FeatureUnavailableError(f"not a causal language model ({err})") from err
