@@ -18,6 +18,7 @@ sweep goes on.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -217,6 +218,34 @@ def _floating_tensors(reader: TensorReader, params: list) -> Iterator[tuple]:
             yield name, role, raw
 
 
+def save_probe(spec: ProbeSpec, refs: Sequence[CheckpointRef], table: Path) -> Path | None:
+    """Write the probe batch next to the table (``<table>.probe.npy`` + ``.probe.json``)
+    for reproducibility: the token ids of the first local checkpoint's tokenizer (every
+    run of a suite shares it) and the spec that made them."""
+    import json
+
+    import numpy as np
+
+    local = next((r for r in refs if not r.is_hub), None)
+    if local is None:
+        return None
+    try:
+        probe = build_probe(spec, Path(local.location))
+    except FeatureUnavailableError as err:
+        log.info("probe not saved: %s", err)
+        return None
+    npy = table.with_name(table.name + ".probe.npy")
+    np.save(npy, probe.ids.numpy())
+    meta = {
+        "spec": dataclasses.asdict(spec),
+        "digest": probe.digest,
+        "tokenizer_of": local.location,
+        "shape": list(probe.ids.shape),
+    }
+    table.with_name(table.name + ".probe.json").write_text(json.dumps(meta, indent=1))
+    return npy
+
+
 def _with_prefetch(tasks: list[tuple], prefetch: HubPrefetcher | None) -> Iterator[tuple]:
     """Tasks in order, each hub checkpoint's download awaited (and started ahead)."""
     for task in tasks:
@@ -372,6 +401,8 @@ def extract(
                     hub.release(hub.fetch(ref))
         log.info("extracted %d checkpoint(s) in %.1fs", len(rows), time.perf_counter() - started)
         if store is not None:
+            if any(s.needs_model for s in sets):
+                save_probe(probe or ProbeSpec(), refs, store.path)
             return store.compact()
     return (
         normalize(pd.DataFrame(rows)) if rows else normalize(pd.DataFrame(columns=["run", "step"]))

@@ -389,3 +389,20 @@ def test_pythia_eval_phases_example(tmp_path, capsys):
     # early (chance-level) checkpoints share a state across all runs
     early = paths[paths["step"] <= 4].groupby("step")["state"].nunique()
     assert (early == 1).all()
+
+
+def test_probe_is_saved_with_the_table_and_reproduces(small_suite, tmp_path):
+    from polymap.features.probe import ProbeSpec
+
+    out = tmp_path / "f.parquet"
+    spec = ProbeSpec(sequences=3, length=32)
+    first = polymap.extract([small_suite / "pico-seed0"], out=out, features="evals_native",
+                            steps="24", probe=spec, progress=False)  # fmt: skip
+    saved = np.load(tmp_path / "f.parquet.probe.npy")
+    meta = json.loads((tmp_path / "f.parquet.probe.json").read_text())
+    assert saved.shape == (3, 32) and meta["spec"]["sequences"] == 3
+    again = polymap.extract([small_suite / "pico-seed0"], features="evals_native", steps="24",
+                            probe=ProbeSpec(sequences=3, length=32,
+                                            tokens=str(tmp_path / "f.parquet.probe.npy")),
+                            progress=False)  # fmt: skip
+    assert again["evals_native.loss"].iloc[0] == first["evals_native.loss"].iloc[0]

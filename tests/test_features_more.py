@@ -196,7 +196,7 @@ def test_activation_hooks_match_hidden_states(tiny_runs, tmp_path, arch):
     total = math.sqrt(
         sum(float(p.grad.double().pow(2).sum()) for p in model.parameters() if p.grad is not None)
     )
-    assert row["gradients.loss"] == pytest.approx(float(loss), rel=1e-5)
+    assert row["gradients.loss"] == pytest.approx(float(loss.detach()), rel=1e-5)
     assert row["gradients.total_norm"] == pytest.approx(total, rel=1e-4)
 
 
