@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--probe-text", default=None, help="probe text file (model-level sets)")
     p.add_argument("--probe-tokens", default=None, help="probe token ids (.npy or text ints)")
-    p.add_argument("--probe-sequences", type=int, default=16, help="probe rows")
+    p.add_argument("--probe-sequences", type=int, default=8, help="probe rows")
     p.add_argument("--probe-length", type=int, default=128, help="tokens per probe row")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_extract)

@@ -38,7 +38,7 @@ ENCODER_TYPES = frozenset(
 class ProbeSpec:
     """Where probe tokens come from and the batch shape."""
 
-    sequences: int = 16
+    sequences: int = 8
     length: int = 128
     batch_size: int = 8
     tokens: str | None = None
