@@ -20,8 +20,8 @@ test: install
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check polymap tests benchmarks
-	$(BIN)/ruff format --check polymap tests benchmarks
+	$(BIN)/ruff check polymap tests benchmarks examples
+	$(BIN)/ruff format --check polymap tests benchmarks examples
 
 bench: install
 	$(BIN)/python benchmarks/bench_extract.py

@@ -75,8 +75,21 @@ class LocalExecutor(Executor):
             yield task, fn(*task)
 
 
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
 def _worker_init(threads: int) -> None:
+    """Limit every thread pool of a worker (torch, and the BLAS under numpy/scipy, which
+    read these variables when they load) so N workers do not oversubscribe the cores."""
+    for variable in THREAD_VARIABLES:
+        os.environ[variable] = str(threads)
     torch.set_num_threads(threads)
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(threads)  # libraries already loaded
+    except ImportError:  # pragma: no cover - scikit-learn brings threadpoolctl
+        pass
 
 
 class ProcessExecutor(Executor):
