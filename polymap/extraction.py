@@ -34,11 +34,11 @@ from polymap.checkpoints import (
     CheckpointError,
     CheckpointRef,
     TensorReader,
+    as_refs,
     fingerprint,
     hub,
     materialize,
     read_config,
-    resolve_sources,
 )
 from polymap.checkpoints.prefetch import HubPrefetcher
 from polymap.executors import DEFAULT_RETRIES, Executor, LocalExecutor, TaskFailed, get_executor
@@ -330,13 +330,7 @@ def extract(
     sets = get_feature_sets(features)
     names = [s.name for s in sets]
     resolve_device(device)  # fail fast on a bad device
-    if isinstance(sources, (str, Path)):
-        sources = [sources]
-    sources = list(sources)
-    if sources and all(isinstance(s, CheckpointRef) for s in sources):
-        refs = sorted(sources, key=lambda r: (r.run, r.step))
-    else:
-        refs = resolve_sources(sources, steps)
+    refs = as_refs(sources, steps)
     # the run's step-0 checkpoint, for the sets that compare with it; with delete_after it
     # stays on disk until the sweep ends (one extra checkpoint per run)
     needs_initial = any(s.needs_initial for s in sets)

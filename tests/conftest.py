@@ -52,3 +52,15 @@ def small_suite(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("suite") / "s"
     build(out, **SMALL)
     return out
+
+
+def edited_checkpoint(source: Path, dest: Path, edit) -> Path:
+    """A copy of checkpoint ``source`` at ``dest`` whose tensors were changed in place by
+    ``edit(tensors: dict[str, Tensor])`` (e.g. a NaN planted, a matrix scaled)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, dest)
+    tensors = load_file(dest / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, dest / "model.safetensors", metadata={"format": "pt"})
+    return dest

@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import edited_checkpoint
 
 import polymap
 from polymap.cli import main
@@ -320,16 +320,13 @@ def test_evals_native_bad_input(tiny_runs, tmp_path):
 
 
 def test_evals_native_nan_weights_are_recorded(tiny_runs, tmp_path):
-    from safetensors.torch import load_file, save_file
-
     from polymap.features.probe import ProbeSpec
 
-    ckpt = tmp_path / "step4"
-    shutil.copytree(tiny_runs["gpt_neox"] / "step4", ckpt)
-    tensors = load_file(ckpt / "model.safetensors")
-    name = next(n for n in tensors if "dense_h_to_4h.weight" in n)
-    tensors[name][0, 0] = float("nan")
-    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    def plant_nan(tensors):
+        name = next(n for n in tensors if "dense_h_to_4h.weight" in n)
+        tensors[name][0, 0] = float("nan")
+
+    ckpt = edited_checkpoint(tiny_runs["gpt_neox"] / "step4", tmp_path / "step4", plant_nan)
     np.save(tmp_path / "p.npy", np.arange(32) % 50)
     spec = ProbeSpec(sequences=2, length=16, tokens=str(tmp_path / "p.npy"))
     row = polymap.extract_checkpoint(polymap.CheckpointRef("r", 4, str(ckpt)), "evals_native",

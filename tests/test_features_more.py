@@ -4,12 +4,12 @@ inputs with known answers, on tiny GPT-NeoX / GPT-2 / Llama models, and with NaN
 from __future__ import annotations
 
 import math
-import shutil
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from conftest import edited_checkpoint
+from safetensors.torch import load_file
 from scipy import stats
 
 import polymap
@@ -19,6 +19,11 @@ from polymap.features.drift import subspace_overlap, top_right_singular_vectors
 from polymap.features.embedding import cosine_matrix, structure_drift
 from polymap.features.probe import ProbeSpec
 from polymap.features.shape import fit_student_t, ks_distances, tail_ratio
+
+
+def _plant_nan(tensors):
+    name = next(n for n in tensors if "attention.dense.weight" in n)
+    tensors[name][0, 0] = float("nan")
 
 
 def _probe(tmp_path, vocab=64, rows=4, length=16) -> ProbeSpec:
@@ -59,15 +64,16 @@ def test_gaussian_is_nu_max_and_ks_prefers_the_right_family():
 def test_shape_set_on_planted_heavy_tails(tiny_runs, tmp_path):
     """Replace one MLP matrix by Student-t(4) entries: its role's nu drops to ~4 while the
     Gaussian-initialised roles stay near-Gaussian."""
-    ckpt = tmp_path / "step0"
-    shutil.copytree(tiny_runs["gpt_neox"] / "step0", ckpt)
-    tensors = load_file(ckpt / "model.safetensors")
-    names = [n for n in tensors if "dense_h_to_4h.weight" in n]
     rng = np.random.default_rng(0)
-    for name in names:
-        shape = tensors[name].shape
-        tensors[name] = torch.tensor(rng.standard_t(4, shape) * 0.02, dtype=torch.float32)
-    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    replaced = {}
+
+    def heavy_tails(tensors):
+        for name in [n for n in tensors if "dense_h_to_4h.weight" in n]:
+            sample = rng.standard_t(4, tensors[name].shape) * 0.02
+            tensors[name] = replaced[name] = torch.tensor(sample, dtype=torch.float32)
+
+    ckpt = edited_checkpoint(tiny_runs["gpt_neox"] / "step0", tmp_path / "step0", heavy_tails)
+    names, tensors = sorted(replaced), replaced
     row = polymap.extract_checkpoint(CheckpointRef("r", 0, str(ckpt)), "shape", "cpu")
     assert row["status"] == "ok", row["error"]
     assert row["shape.mlp_in.nu"] == pytest.approx(4, rel=0.3)
@@ -204,12 +210,12 @@ def test_scaled_attention_logits_scale_the_spread(tiny_runs, tmp_path):
     """Multiplying the query projection by 3 multiplies every pre-softmax logit by 3."""
     spec = _probe(tmp_path)
     base = tiny_runs["llama"] / "step4"
-    scaled = tmp_path / "scaled"
-    shutil.copytree(base, scaled)
-    tensors = load_file(scaled / "model.safetensors")
-    for name in [n for n in tensors if "q_proj.weight" in n]:
-        tensors[name] = tensors[name] * 3
-    save_file(tensors, scaled / "model.safetensors", metadata={"format": "pt"})
+
+    def scale_queries(tensors):
+        for name in [n for n in tensors if "q_proj.weight" in n]:
+            tensors[name] = tensors[name] * 3
+
+    scaled = edited_checkpoint(base, tmp_path / "scaled", scale_queries)
     rows = [
         polymap.extract_checkpoint(CheckpointRef("r", 4, str(p)), "activations", "cpu", probe=spec)
         for p in (base, scaled)
@@ -228,14 +234,15 @@ def test_planted_outlier_dimension_is_found(tiny_runs, tmp_path):
     """A huge bias on one output dimension of every MLP makes that residual dimension an
     outlier: outlier_dims = 1 / hidden size."""
     spec = _probe(tmp_path)
-    ckpt = tmp_path / "outlier"
-    shutil.copytree(tiny_runs["gpt_neox"] / "step4", ckpt)
-    tensors = load_file(ckpt / "model.safetensors")
-    hidden = None
-    for name in [n for n in tensors if n.endswith("mlp.dense_4h_to_h.bias")]:
-        tensors[name][3] = 500.0
-        hidden = tensors[name].numel()
-    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    sizes = []
+
+    def plant(tensors):
+        for name in [n for n in tensors if n.endswith("mlp.dense_4h_to_h.bias")]:
+            tensors[name][3] = 500.0
+            sizes.append(tensors[name].numel())
+
+    ckpt = edited_checkpoint(tiny_runs["gpt_neox"] / "step4", tmp_path / "outlier", plant)
+    hidden = sizes[0]
     row = polymap.extract_checkpoint(
         CheckpointRef("r", 4, str(ckpt)), "activations", "cpu", probe=spec
     )
@@ -245,12 +252,7 @@ def test_planted_outlier_dimension_is_found(tiny_runs, tmp_path):
 
 def test_nan_weights_are_recorded_not_hidden(tiny_runs, tmp_path):
     spec = _probe(tmp_path)
-    ckpt = tmp_path / "nan"
-    shutil.copytree(tiny_runs["gpt_neox"] / "step4", ckpt)
-    tensors = load_file(ckpt / "model.safetensors")
-    name = next(n for n in tensors if "attention.dense.weight" in n)
-    tensors[name][0, 0] = float("nan")
-    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    ckpt = edited_checkpoint(tiny_runs["gpt_neox"] / "step4", tmp_path / "nan", _plant_nan)
     row = polymap.extract_checkpoint(CheckpointRef("r", 4, str(ckpt)),
                                      "shape,activations,gradients", "cpu", probe=spec)  # fmt: skip
     assert row["status"] == "nonfinite"

@@ -15,9 +15,16 @@ from polymap.checkpoints.reader import (
     read_config,
 )
 from polymap.checkpoints.ref import CheckpointRef, parse_step
-from polymap.checkpoints.sources import fingerprint, materialize, parse_steps, resolve_sources
+from polymap.checkpoints.sources import (
+    as_refs,
+    fingerprint,
+    materialize,
+    parse_steps,
+    resolve_sources,
+)
 
 __all__ = [
+    "as_refs",
     "CheckpointError",
     "CheckpointRef",
     "SourceError",

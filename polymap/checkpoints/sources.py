@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from polymap.checkpoints import hub
@@ -110,6 +110,20 @@ def resolve_sources(
     if not refs and wanted is not None:
         raise SourceError(f"no checkpoint in {list(map(str, sources))} matches steps={steps!r}")
     return sorted(refs.values(), key=lambda r: (r.run, r.step))
+
+
+def as_refs(
+    sources: str | Path | Iterable[str | Path] | Sequence[CheckpointRef],
+    steps: str | Iterable[int] | None = None,
+) -> list[CheckpointRef]:
+    """Checkpoint refs from sources (paths, ``hf://`` locations, manifests) or refs as
+    they are; sorted by run and step."""
+    if isinstance(sources, (str, Path)):
+        sources = [sources]
+    sources = list(sources)
+    if sources and all(isinstance(s, CheckpointRef) for s in sources):
+        return sorted(sources, key=lambda r: (r.run, r.step))
+    return resolve_sources(sources, steps)
 
 
 def fingerprint(ref: CheckpointRef) -> str:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from polymap.checkpoints import CheckpointError, CheckpointRef, materialize, resolve_sources
+from polymap.checkpoints import CheckpointError, CheckpointRef, as_refs, materialize
 from polymap.checkpoints.hub import parse_location
 
 log = logging.getLogger(__name__)
@@ -131,13 +131,7 @@ def run_harness(
             "(a folder of task YAML files)"
         )
     dev = str(resolve_device(device))
-    if isinstance(sources, (str, Path)):
-        sources = [sources]
-    sources = list(sources)
-    if sources and all(isinstance(s, CheckpointRef) for s in sources):
-        refs = sorted(sources, key=lambda r: (r.run, r.step))
-    else:
-        refs = resolve_sources(sources, steps)
+    refs = as_refs(sources, steps)
     report = HarnessReport()
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # per-example truncation warnings
     for ref in tqdm(refs, desc="lm-eval", unit="ckpt", disable=not progress):
