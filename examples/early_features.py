@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         for h in HORIZONS:
             ax.axvline(h * last, color="0.3", ls=":", lw=0.8)
         ax.set_xscale("symlog", linthresh=10)
+        ax.set_xlim(0, last)
         ax.set_title(f"{column}\n{title}", fontsize=9)
         ax.set_xlabel("step (dotted: horizons 5%, 10%, 25%)", fontsize=8)
     fig.suptitle("Early signals: planted-unstable runs (red) vs stable runs (grey)", fontsize=10)
