@@ -259,3 +259,26 @@ def test_nan_weights_are_recorded_not_hidden(tiny_runs, tmp_path):
     assert row["activations.nonfinite"] == 1.0 and "activations: the forward pass" in row["error"]
     assert "gradients: non-finite" in row["error"]
     assert math.isfinite(row["shape.attn_out.nu"])  # finite entries still describe the shape
+
+
+def test_planted_outlier_column_shows_in_shape_and_activations(tiny_runs, tmp_path):
+    """One input column of every attention output matrix scaled 40x: heavy tails in
+    that role's weights, and large activations, while other roles are untouched."""
+    spec = _probe(tmp_path)
+
+    def outlier_column(tensors):
+        for name in [n for n in tensors if n.endswith("attention.dense.weight")]:
+            tensors[name][:, 5] *= 40
+
+    base = tiny_runs["gpt_neox"] / "step4"
+    planted = edited_checkpoint(base, tmp_path / "col", outlier_column)
+    before, after = (
+        polymap.extract_checkpoint(CheckpointRef("r", 4, str(p)), "shape,activations", "cpu",
+                                   probe=spec)
+        for p in (base, planted)
+    )  # fmt: skip
+    assert after["shape.attn_out.kurtosis"] > before["shape.attn_out.kurtosis"] + 5
+    assert after["shape.attn_out.tail_ratio"] > before["shape.attn_out.tail_ratio"]
+    assert after["shape.attn_out.nu"] < before["shape.attn_out.nu"]
+    assert after["shape.mlp_in.kurtosis"] == before["shape.mlp_in.kurtosis"]
+    assert after["activations.max_abs"] > before["activations.max_abs"]
