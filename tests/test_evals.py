@@ -403,3 +403,31 @@ def test_probe_is_saved_with_the_table_and_reproduces(small_suite, tmp_path):
                                             tokens=str(tmp_path / "f.parquet.probe.npy")),
                             progress=False)  # fmt: skip
     assert again["evals_native.loss"].iloc[0] == first["evals_native.loss"].iloc[0]
+
+
+def test_other_lm_eval_04_shapes(tmp_path):
+    """model_args as a dict, the revision in config.model_revision, a Hub-cache snapshot
+    path, top-level model_name, and group scores kept under "groups"."""
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps({
+        "results": {"mmlu_stem": {"acc,none": 0.3, "alias": " - stem"}},
+        "groups": {"mmlu": {"acc,none": 0.31, "acc_stderr,none": 0.01, "alias": "mmlu"}},
+        "config": {"model": "hf", "model_args": {"pretrained": "EleutherAI/pythia-410m-seed3"},
+                   "model_revision": "step3000"},
+        "n-shot": {"mmlu_stem": 5},
+    }))  # fmt: skip
+    record = read_results_file(path)
+    assert (record.run, record.step) == ("pythia-410m-seed3", 3000)
+    assert record.values[(5, "mmlu_stem")] == {"acc": 0.3}
+    assert record.values[(0, "mmlu")] == {"acc": 0.31}
+    snapshot = "/cache/hub/models--EleutherAI--pythia-70m/snapshots/0123abcd"
+    path.write_text(json.dumps({
+        "results": {"piqa": {"acc,none": 0.6}},
+        "config": {"model_args": f"pretrained={snapshot}", "model_revision": "step143000"},
+    }))  # fmt: skip
+    assert (read_results_file(path).run, read_results_file(path).step) == ("pythia-70m", 143000)
+    path.write_text(json.dumps({
+        "results": {"piqa": {"acc,none": 0.6}}, "config": {"model_revision": "step8"},
+        "model_name": "EleutherAI/pythia-v1.1-160m",
+    }))  # fmt: skip
+    assert (read_results_file(path).run, read_results_file(path).step) == ("pythia-160m", 8)

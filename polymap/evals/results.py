@@ -115,15 +115,27 @@ def canonical_run(name: str) -> str:
     return f"pythia-{match.group(1)}" if match else name
 
 
-def _from_config(config: dict) -> tuple[str | None, int | None, str | None]:
+_HUB_CACHE_DIR = re.compile(r"models--([^/]+?)--([^/]+)")
+
+
+def _from_config(data: dict) -> tuple[str | None, int | None, str | None]:
+    """(run, step, model) from ``config.model_args`` (string or dict), then lm-eval 0.4's
+    ``config.model_revision`` and top-level ``model_name``."""
+    config = data.get("config") if isinstance(data.get("config"), dict) else {}
     args = parse_model_args(config.get("model_args"))
     pretrained = args.get("pretrained") or args.get("model") or args.get("path")
-    step = parse_step(args.get("revision", "")) if args.get("revision") else None
+    if not pretrained and isinstance(data.get("model_name"), str) and data["model_name"]:
+        pretrained = data["model_name"]
+    revision = args.get("revision") or config.get("model_revision") or ""
+    step = parse_step(str(revision)) if revision else None
     run = None
     if pretrained:
         parts = [p for p in pretrained.rstrip("/").split("/") if p]
         leaf_step = parse_step(parts[-1]) if parts else None
-        if leaf_step is not None:
+        cached = _HUB_CACHE_DIR.search(pretrained)
+        if cached:  # a snapshot folder of the Hugging Face cache: the repository's name
+            run = canonical_run(cached.group(2))
+        elif leaf_step is not None:
             step = step if step is not None else leaf_step
             run = parts[-2] if len(parts) >= 2 else None
         else:
@@ -217,8 +229,7 @@ def read_results_file(
         raise EvalFileError(f"{path}: not valid JSON, truncated? ({err})") from err
     if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
         raise EvalFileError(f"{path}: no 'results' object; not an lm-eval results file")
-    config = data.get("config") if isinstance(data.get("config"), dict) else {}
-    conf_run, conf_step, pretrained = _from_config(config)
+    conf_run, conf_step, pretrained = _from_config(data)
     lay_run, lay_step = _from_layout(path)
     run = run or conf_run or lay_run
     step = step if step is not None else conf_step if conf_step is not None else lay_step
@@ -229,7 +240,11 @@ def read_results_file(
             "or checkpoint path, the path has no <run>/.../step<N>); give a manifest"
         )
     record = EvalRecord(path, run, int(step), pretrained, _timestamp(path, data))
-    for task, entry in data["results"].items():
+    entries = dict(data["results"])
+    if isinstance(data.get("groups"), dict):  # lm-eval 0.4.0-0.4.2 kept group scores apart
+        for group, entry in data["groups"].items():
+            entries.setdefault(group, entry)
+    for task, entry in entries.items():
         if not isinstance(entry, dict):
             if problems is not None:
                 problems.append((str(path), f"task {task!r}: unknown result shape, skipped"))
