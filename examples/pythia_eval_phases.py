@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    table, report = ingest(args.evals)
+    table, report = ingest(args.evals, stderr=True)  # stderrs floor the deviation signal
     print(f"{report.files} files -> {len(table)} checkpoints of {table['run'].nunique()} runs")
     for file, reason in report.problems:
         print(f"  skipped {file}: {reason}")

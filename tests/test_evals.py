@@ -431,3 +431,23 @@ def test_other_lm_eval_04_shapes(tmp_path):
         "model_name": "EleutherAI/pythia-v1.1-160m",
     }))  # fmt: skip
     assert (read_results_file(path).run, read_results_file(path).step) == ("pythia-160m", 8)
+
+
+def test_stderr_columns_floor_the_deviation_and_are_not_features():
+    from polymap.phases.preprocess import select_columns
+    from polymap.scoring.score import feature_deviation
+
+    rows = []
+    for r in range(6):
+        for step in (0, 10, 100):
+            acc = 0.25 + 0.001 * r + (0.05 if r == 5 else 0.0)  # run 5 is 0.05 higher
+            rows.append({"run": f"r{r}", "step": step, "eval.t.acc": acc,
+                         "eval.t.acc_stderr": 0.1})  # fmt: skip
+    table = pd.DataFrame(rows)
+    assert select_columns(table, "eval") == ["eval.t.acc"]
+    target, others = table[table["run"] == "r5"], table[table["run"] != "r5"]
+    noisy, _ = feature_deviation(target, others, ["eval.t.acc"])
+    exact, _ = feature_deviation(target.drop(columns="eval.t.acc_stderr"), others,
+                                 ["eval.t.acc"])  # fmt: skip
+    assert noisy == pytest.approx(0.05 / 0.1, rel=0.1)  # within its own noise: z ~ 0.5
+    assert exact > 10 * noisy

@@ -31,13 +31,19 @@ class PhaseInputError(ValueError):
     """A table the phase model cannot use; says why."""
 
 
+UNCERTAINTY_SUFFIX = "_stderr"
+
+
 def select_columns(table: pd.DataFrame, features: str | list[str] | None) -> list[str]:
     """Columns named by ``features``: set names (``hu2023``), column names, or None."""
     available = feature_columns(table)
     if not available:
         raise PhaseInputError("the table has no feature columns (<set>.<name>)")
+    # standard errors (``eval.*_stderr``) describe a measurement, not the training state:
+    # they are chosen only when named one by one
+    states = [c for c in available if not c.endswith(UNCERTAINTY_SUFFIX)]
     if features is None:
-        chosen = [c for c in available if c.startswith("hu2023.")] or available
+        chosen = [c for c in states if c.startswith("hu2023.")] or states
         return [c for c in chosen if c != "hu2023.nonfinite_fraction"]
     names = [f.strip() for f in features.split(",")] if isinstance(features, str) else features
     chosen: list[str] = []
@@ -45,7 +51,7 @@ def select_columns(table: pd.DataFrame, features: str | list[str] | None) -> lis
         if name in available:
             chosen.append(name)
             continue
-        in_set = [c for c in available if c.startswith(name + ".")]
+        in_set = [c for c in states if c.startswith(name + ".")]
         if not in_set:
             raise PhaseInputError(f"feature or set {name!r} not in the table")
         chosen.extend(in_set)

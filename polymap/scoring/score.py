@@ -20,7 +20,8 @@ Signals (each also reported on its own):
 3. ``deviation``: per checkpoint, robust z-scores of every feature against the other runs
    at the same step (median and 1.4826 MAD, reference curves interpolated in log step;
    the MAD is floored at 5% of the feature's inter-quartile range over the reference (its
-   standard deviation when that range is 0), so
+   standard deviation when that range is 0) and, where the table has a ``<feature>_stderr``
+   column (lm-eval standard errors), at the target value's own standard error, so
    a feature whose runs agree to many digits, like an early bias median, cannot explode),
    aggregated as the mean of the 5 largest |z|; the run's value is the mean over its
    checkpoints. The top features and steps are kept as the explanation.
@@ -110,11 +111,18 @@ def feature_deviation(
     # inter-quartile range: fall back to its standard deviation
     spread = np.where(q75 > q25, q75 - q25, np.nan_to_num(np.nanstd(reference, axis=0)))
     floor = np.maximum(FEATURE_FLOOR * spread, 1e-12)
+    # a measured value's own standard error (``<feature>_stderr``, e.g. an eval accuracy
+    # on a few hundred items) floors the spread too: differences within the measurement
+    # noise are not deviations
+    noise = np.zeros_like(values)
+    for j, f in enumerate(features):
+        if f"{f}_stderr" in target.columns:
+            noise[:, j] = np.nan_to_num(target[f"{f}_stderr"].to_numpy(float))
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         median = np.nanmedian(peers, axis=0)
         mad = 1.4826 * np.nanmedian(np.abs(peers - median), axis=0)
-        z = np.abs((values - median) / np.maximum(mad, floor))
+        z = np.abs((values - median) / np.maximum(np.maximum(mad, floor), noise))
     z = np.where(np.isfinite(z), z, 0.0)
     rows = []
     for t in np.flatnonzero(enough):
