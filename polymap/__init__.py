@@ -5,10 +5,12 @@
 """
 
 from polymap.checkpoints import CheckpointRef, TensorReader, resolve_sources
+from polymap.evals import ingest as ingest_evals
+from polymap.export import export
 from polymap.extraction import extract, extract_checkpoint
 from polymap.features import FeatureSet, feature_sets, register_feature_set
 from polymap.roles import assign_role, detect_architecture, register_architecture
-from polymap.table import FeatureStore, feature_columns, read_table, write_table
+from polymap.table import FeatureStore, feature_columns, merge_tables, read_table, write_table
 
 __version__ = "0.1.0"
 
@@ -19,10 +21,13 @@ __all__ = [
     "TensorReader",
     "assign_role",
     "detect_architecture",
+    "export",
     "extract",
     "extract_checkpoint",
     "feature_columns",
     "feature_sets",
+    "ingest_evals",
+    "merge_tables",
     "read_table",
     "register_architecture",
     "register_feature_set",

@@ -16,16 +16,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch, Rectangle
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-
-from polymap.export.graphs import DPI, state_colors  # noqa: E402
-from polymap.export.inputs import ExportInputs  # noqa: E402
+from polymap.export.graphs import DPI, state_colors
+from polymap.export.inputs import ExportInputs
 
 N_TOP_FEATURES = 4
 
@@ -33,7 +30,6 @@ N_TOP_FEATURES = 4
 def save(fig, paths: list[Path]) -> list[Path]:
     for path in paths:
         fig.savefig(path)
-    plt.close(fig)
     return paths
 
 
@@ -61,7 +57,8 @@ def timelines(inputs: ExportInputs, paths: list[Path], step_scale: str = "sqrt")
     k = inputs.graph["n_states"]
     colors = state_colors(k)
     order = run_order(inputs)
-    fig, ax = plt.subplots(figsize=figure_size("timelines", inputs), dpi=DPI, layout="constrained")
+    fig = Figure(figsize=figure_size("timelines", inputs), dpi=DPI, layout="constrained")
+    ax = fig.subplots()
     forward = np.sqrt if step_scale == "sqrt" else (lambda s: np.log10(1 + np.asarray(s)))
     metric = inputs.metric
     values = inputs.table.set_index(["run", "step"])[metric] if metric else None
@@ -81,7 +78,7 @@ def timelines(inputs: ExportInputs, paths: list[Path], step_scale: str = "sqrt")
         edges = np.concatenate([[x[0]], (x[:-1] + x[1:]) / 2, [x[-1]]])
         for i, state in enumerate(path["state"].to_numpy()):
             ax.add_patch(
-                plt.Rectangle(
+                Rectangle(
                     (edges[i], -y - 0.4), edges[i + 1] - edges[i], 0.8,
                     color=colors[state], lw=0,
                 )
@@ -127,8 +124,8 @@ def timelines(inputs: ExportInputs, paths: list[Path], step_scale: str = "sqrt")
 
 def selection(inputs: ExportInputs, paths: list[Path]) -> list[Path]:
     sel = inputs.model.selection_
-    fig, axes = plt.subplots(1, 3, figsize=figure_size("selection", inputs), dpi=DPI,
-                             layout="constrained")  # fmt: skip
+    fig = Figure(figsize=figure_size("selection", inputs), dpi=DPI, layout="constrained")
+    axes = fig.subplots(1, 3)
     chosen = inputs.graph["n_states"]
     if sel.empty:
         for ax in axes:
@@ -177,8 +174,8 @@ def features_figure(inputs: ExportInputs, paths: list[Path]) -> list[Path]:
     top = separating_features(inputs)
     colors = state_colors(inputs.graph["n_states"])
     rows = (N_TOP_FEATURES + 1) // 2
-    fig, axes = plt.subplots(rows, 2, figsize=figure_size("features", inputs), dpi=DPI,
-                             layout="constrained", squeeze=False)  # fmt: skip
+    fig = Figure(figsize=figure_size("features", inputs), dpi=DPI, layout="constrained")
+    axes = fig.subplots(rows, 2, squeeze=False)
     data = inputs.table.merge(inputs.paths, on=["run", "step"]).sort_values("step")
     for ax, feature in zip(axes.flat, top + [None] * (axes.size - len(top)), strict=True):
         if feature is None:
@@ -196,7 +193,8 @@ def features_figure(inputs: ExportInputs, paths: list[Path]) -> list[Path]:
 
 
 def risk_figure(inputs: ExportInputs, paths: list[Path]) -> list[Path]:
-    fig, ax = plt.subplots(figsize=figure_size("risk", inputs), dpi=DPI, layout="constrained")
+    fig = Figure(figsize=figure_size("risk", inputs), dpi=DPI, layout="constrained")
+    ax = fig.subplots()
     if inputs.scores is None:
         ax.text(0.5, 0.5, "no scores given (polymap export --scores SCORES.csv)", ha="center")
         ax.axis("off")

@@ -23,15 +23,15 @@ import subprocess
 from pathlib import Path
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import networkx as nx  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.patches import Circle, FancyArrowPatch  # noqa: E402
+import networkx as nx
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Circle, FancyArrowPatch
 
 JSON_SCHEMA = "polymap.training_map/1"
 DPI = 100  # every PNG is figsize x DPI pixels (no tight bounding box)
+# Figures are matplotlib ``Figure`` objects, not pyplot: no global backend is set and no
+# pyplot state is touched, so exporting from a notebook leaves its inline plots alone.
 
 
 def state_colors(n_states: int) -> list[str]:
@@ -40,7 +40,7 @@ def state_colors(n_states: int) -> list[str]:
     >>> state_colors(3)
     ['#1f77b4', '#ff7f0e', '#2ca02c']
     """
-    cmap = plt.get_cmap("tab10" if n_states <= 10 else "tab20")
+    cmap = matplotlib.colormaps["tab10" if n_states <= 10 else "tab20"]
     return [matplotlib.colors.to_hex(cmap(i % cmap.N)) for i in range(n_states)]
 
 
@@ -175,7 +175,8 @@ def draw_map(doc: dict, png: Path | None, svg: Path | None, renderer: str = "aut
         graph.add_edge(edge["source"], edge["target"], **edge)
     pos = layout(doc)
     width = max(6.0, 1.8 * len(doc["nodes"]))
-    fig, ax = plt.subplots(figsize=(width, 4.2), dpi=DPI, layout="constrained")
+    fig = Figure(figsize=(width, 4.2), dpi=DPI, layout="constrained")
+    ax = fig.subplots()
     radius = 0.32
     for u, v, data in graph.edges(data=True):
         (x0, y0), (x1, y1) = pos[u], pos[v]
@@ -249,5 +250,4 @@ def draw_map(doc: dict, png: Path | None, svg: Path | None, renderer: str = "aut
         if out is not None:
             fig.savefig(out)
             written.append(out)
-    plt.close(fig)
     return written

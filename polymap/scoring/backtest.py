@@ -93,12 +93,10 @@ def backtest(
 
 
 def _plot(table: pd.DataFrame, path: Path) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: leaves a notebook's backend alone
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    fig = Figure(figsize=(5, 3.2), dpi=120)
+    ax = fig.subplots()
     ax.plot(table["horizon"], table["auroc"], "o-", label="AUROC")
     ax.plot(table["horizon"], table["average_precision"], "s--", label="average precision")
     ax.set_xlabel("horizon (fraction of training seen)")
@@ -107,4 +105,3 @@ def _plot(table: pd.DataFrame, path: Path) -> None:
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
