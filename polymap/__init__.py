@@ -6,7 +6,6 @@
 
 from polymap.checkpoints import CheckpointRef, TensorReader, resolve_sources
 from polymap.evals import ingest as ingest_evals
-from polymap.export import export
 from polymap.extraction import extract, extract_checkpoint
 from polymap.features import FeatureSet, feature_sets, register_feature_set
 from polymap.roles import assign_role, detect_architecture, register_architecture
@@ -21,7 +20,6 @@ __all__ = [
     "TensorReader",
     "assign_role",
     "detect_architecture",
-    "export",
     "extract",
     "extract_checkpoint",
     "feature_columns",
