@@ -68,6 +68,7 @@ def timelines(inputs: ExportInputs, paths: list[Path], step_scale: str = "sqrt")
         if len(finite):
             lo, hi = np.nanpercentile(finite, [1, 99])
     rows: list[str] = []
+    ticks: list[int] = []
     y = 0
     for run in order:
         if inputs.flagged and rows and rows[-1] in inputs.flagged and run not in inputs.flagged:
@@ -88,19 +89,13 @@ def timelines(inputs: ExportInputs, paths: list[Path], step_scale: str = "sqrt")
             ax.plot(x, -y + 0.35 - 0.7 * (np.clip(v, lo, hi) - lo) / (hi - lo), color="black",
                     lw=1.0)  # fmt: skip
         rows.append(run)
+        ticks.append(-y)
         y += 1
     labels = []
     for run in rows:
         tag = " \u25b2" if run in inputs.flagged else ""
         tag += " (unstable)" if run in inputs.unstable else ""
         labels.append(run + tag)
-    ticks = []
-    y = 0
-    for i, run in enumerate(rows):
-        if i and inputs.flagged and rows[i - 1] in inputs.flagged and run not in inputs.flagged:
-            y += 1
-        ticks.append(-y)
-        y += 1
     ax.set_yticks(ticks, labels, fontsize=8)
     all_steps = np.unique(inputs.paths["step"].to_numpy(float))
     ax.set_xlim(forward(all_steps.min()), forward(all_steps.max()))
