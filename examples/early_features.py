@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import polymap  # noqa: E402
-from polymap.scoring import backtest, label_runs  # noqa: E402
+from polymap.scoring import RiskScorer, backtest, label_runs  # noqa: E402
 from polymap.suite import run_logs  # noqa: E402
 
 NEW_SETS = "shape,embedding,activations,gradients"
@@ -79,10 +79,12 @@ def main(argv: list[str] | None = None) -> None:
         columns = [c for c in columns if table[c].notna().all() and np.isfinite(table[c]).all()]
         from polymap.phases import PhaseModel
 
-        k = args.states or PhaseModel(features=columns, restarts=2, random_state=0).fit(
-            table).n_states_  # fmt: skip
-        result = backtest(table, labels, k, HORIZONS, args.out / name.replace(" ", "_"),
-                          feature_columns=columns)  # fmt: skip
+        model = PhaseModel(features=columns, restarts=2, random_state=0,
+                           n_states=args.states or "auto").fit(table)  # fmt: skip
+        k = model.n_states_
+        scorer = RiskScorer(phase_model=model, features=columns).fit(table)
+        result = backtest(table, labels, HORIZONS, args.out / name.replace(" ", "_"),
+                          scorer=scorer)  # fmt: skip
         for rec in result.itertuples():
             rows.append({"features": name, "n_features": len(columns), "K": k,
                          "horizon": rec.horizon, "auroc": rec.auroc,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from polymap.evals import ingest
 from polymap.phases import describe, fit_model_dir
-from polymap.scoring import score_runs
+from polymap.scoring import RiskScorer
 from polymap.table import write_table
 
 TASKS = ("arc_easy", "arc_challenge", "lambada_openai", "logiqa", "piqa", "sciq", "winogrande",
@@ -46,11 +46,11 @@ def main(argv: list[str] | None = None) -> None:
     model = fit_model_dir(table, args.out / "model", features=columns, random_state=args.seed)[""]
     print(describe(args.out / "model"))
 
-    scores = score_runs(table, n_states=model.n_states_, features=columns,
-                        until_step=args.until_step, random_state=args.seed)  # fmt: skip
+    scorer = RiskScorer(phase_model=model, features=columns, random_state=args.seed)
+    scores = scorer.fit(table).score_reference(until_step=args.until_step)
     scores.to_csv(args.out / "scores.csv", index=False)
     print(f"\nrisk from checkpoints up to step {args.until_step}:")
-    print(scores[["run", "risk", "flagged", "explanation"]].to_string(index=False))
+    print(scores[["run", "risk", "flagged", "p_value", "explanation"]].to_string(index=False))
 
 
 if __name__ == "__main__":

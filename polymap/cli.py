@@ -167,6 +167,14 @@ def _export(args: argparse.Namespace) -> int:
 def _suite(args: argparse.Namespace) -> int:
     from polymap.suite import build
 
+    if args.list_defects:
+        from polymap.suite.defects import DEFECTS
+
+        for defect in DEFECTS.values():
+            print(defect.describe())
+        return EXIT_OK
+    if not args.out:
+        raise ValueError("suite needs --out DIR (or --list-defects)")
     manifest = build(
         args.out,
         sizes=args.sizes,
@@ -178,11 +186,13 @@ def _suite(args: argparse.Namespace) -> int:
         jobs=args.jobs,
         device=args.device,
         progress=not args.quiet,
+        defect=args.defect,
     )
     runs = manifest["runs"]
     print(f"{args.out}: {len(runs)} run(s)")
     for r in runs:
-        tags = ("planted " if r["planted"] else "") + ("UNSTABLE" if r["unstable"] else "")
+        planted = f"planted {r.get('defect') or ''}:{r.get('strength')} " if r["planted"] else ""
+        tags = planted + ("UNSTABLE" if r["unstable"] else "")
         onset = f" onset step {r['onset_step']}" if r["unstable"] else ""
         print(f"  {r['run']:<16} {tags.strip() or 'stable'}{onset}")
     return EXIT_OK
@@ -206,9 +216,20 @@ def _fit(args: argparse.Namespace) -> int:
         n_jobs=args.jobs,
         random_state=args.seed,
     )
+    from polymap.scoring import RiskScorer, ScoringError
+
+    table = read_table(args.features_table)
     for name, model in models.items():
         label = f"[{name}] " if name else ""
         print(f"{label}K={model.n_states_}: {model.reason_}")
+        part = table if not name else table[table[args.group_by].astype(str) == name]
+        try:
+            RiskScorer(
+                phase_model=model, n_jobs=args.jobs, random_state=args.seed,
+                progress=not args.quiet,
+            ).fit(part).save(Path(args.out) / name)  # fmt: skip
+        except ScoringError as err:
+            print(f"{label}no scorer saved: {err}")
     print(f"wrote {args.out}")
     if not args.quiet:
         print()
@@ -238,37 +259,55 @@ def _read_any_table(path: str, metric: str = "val_loss"):
     return pd.read_parquet(p)  # any table: label metrics need not be feature columns
 
 
-def _model_states(model_dir: str) -> int:
+def _scorer(model_dir: str, features, alpha: float, seed: int, jobs: int = 1):
+    """The RiskScorer saved in MODEL_DIR when its reference is ``features``'s runs; else
+    one fitted on ``features`` with MODEL_DIR's phase model (its features, covariance,
+    scaling, K)."""
     from polymap.phases import PhaseModel
+    from polymap.scoring import RiskScorer
 
-    return PhaseModel.load(model_dir).n_states_
+    try:
+        scorer = RiskScorer.load(model_dir)
+    except ValueError as err:
+        if "no scorer.json" not in str(err):
+            raise
+        scorer = None
+    runs = set(features["run"].astype(str)) if features is not None else None
+    if scorer is not None and (
+        runs is None or runs == set(scorer.reference_["run"]) | set(scorer.broken_["run"])
+    ):
+        return scorer.set_params(alpha=alpha)
+    if features is None:
+        raise ValueError(f"{model_dir} has no saved scorer: give FEATURES.parquet too")
+    return RiskScorer(
+        phase_model=PhaseModel.load(model_dir), alpha=alpha, random_state=seed, n_jobs=jobs,
+        progress=True,
+    ).fit(features)  # fmt: skip
 
 
 def _score(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from polymap.scoring import score_paths, score_runs
+    from polymap.scoring import score_paths
 
     if args.paths:
         scores = score_paths(pd.read_csv(args.paths), args.until_step)
     else:
-        if not args.features_table or not args.model:
-            raise ValueError("score needs FEATURES.parquet and --model MODEL_DIR (or --paths)")
+        if not args.model:
+            raise ValueError("score needs --model MODEL_DIR (or --paths)")
         from polymap.table import read_table
 
-        reference = read_table(args.features_table)
-        targets = read_table(args.targets) if args.targets else None
-        scores = score_runs(
-            reference,
-            _model_states(args.model),
-            targets=targets,
-            horizon=args.horizon,
-            until_step=args.until_step,
-            random_state=args.seed,
-        )
+        reference = read_table(args.features_table) if args.features_table else None
+        scorer = _scorer(args.model, reference, args.alpha, args.seed)
+        if args.targets:
+            scores = scorer.score(
+                read_table(args.targets), horizon=args.horizon, until_step=args.until_step
+            )
+        else:
+            scores = scorer.score_reference(horizon=args.horizon, until_step=args.until_step)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     scores.to_csv(args.out, index=False)
-    shown = [c for c in ("run", "risk", "flagged", "first_deviation_step") if c in scores]
+    shown = [c for c in ("run", "risk", "flagged", "p_value", "first_flag_step") if c in scores]
     print(scores[shown].to_string(index=False))
     print(f"wrote {args.out}")
     return EXIT_OK
@@ -279,7 +318,14 @@ def _label(args: argparse.Namespace) -> int:
 
     table = _read_any_table(args.table, args.metric)
     direction = {"auto": None, "higher": True, "lower": False}[args.better]
-    labels = label_runs(table, args.metric, after_step=args.after_step, higher_is_better=direction)
+    labels = label_runs(
+        table,
+        args.metric,
+        after_step=args.after_step,
+        higher_is_better=direction,
+        min_gap=args.min_gap,
+        lasting=args.lasting,
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     labels.to_csv(args.out, index=False)
     print(labels.to_string(index=False))
@@ -292,14 +338,20 @@ def _backtest(args: argparse.Namespace) -> int:
     from polymap.table import read_table
 
     features = read_table(args.features_table)
+    try:
+        horizons = tuple(float(h) for h in args.horizons.split(","))
+    except ValueError:
+        raise ValueError(
+            f"--horizons {args.horizons!r}: expected fractions like 0.1,0.25"
+        ) from None
     if args.model:
-        k = _model_states(args.model)
+        scorer = _scorer(args.model, features, args.alpha, args.seed)
+        table = backtest(features, args.labels, horizons, args.out, scorer=scorer, progress=True)
     else:
-        from polymap.phases import PhaseModel
-
-        k = PhaseModel(restarts=2, random_state=args.seed).fit(features).n_states_
-    horizons = tuple(float(h) for h in args.horizons.split(","))
-    table = backtest(features, args.labels, k, horizons, args.out, random_state=args.seed)
+        table = backtest(
+            features, args.labels, horizons, args.out, alpha=args.alpha,
+            random_state=args.seed, n_jobs=-1, progress=True,
+        )  # fmt: skip
     print(table.to_string(index=False))
     print(f"wrote {args.out}/backtest.csv and backtest.png")
     return EXIT_OK
@@ -413,11 +465,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("score", help="outlier risk of each run up to a horizon")
     p.add_argument("features_table", metavar="FEATURES.parquet", nargs="?")
-    p.add_argument("--model", help="MODEL_DIR from polymap fit (gives K)")
+    p.add_argument("--model", help="MODEL_DIR from polymap fit (its saved scorer)")
     p.add_argument("--targets", help="score these runs (a FeatureTable) instead of the reference")
     p.add_argument("--horizon", type=float, default=None, help="fraction of training, e.g. 0.25")
     p.add_argument("--until-step", type=int, default=None, help="last step that may be used")
     p.add_argument("--paths", help="score external state paths (run,step,state CSV)")
+    p.add_argument("--alpha", type=float, default=0.05, help="false-alarm rate of flagged")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="SCORES.csv")
     p.set_defaults(func=_score)
@@ -427,26 +480,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", required=True, help="column, e.g. val_loss or eval.lambada.acc")
     p.add_argument("--after-step", type=int, default=None)
     p.add_argument("--better", default="auto", choices=["auto", "higher", "lower"])
+    p.add_argument("--min-gap", type=float, default=0.0, help="smallest gap below the band")
+    p.add_argument("--lasting", type=int, default=3, help="consecutive checkpoints off the band")
     p.add_argument("--out", required=True, help="LABELS.csv")
     p.set_defaults(func=_label)
 
     p = sub.add_parser("backtest", help="AUROC/AP/lead time of early risk against labels")
     p.add_argument("features_table", metavar="FEATURES.parquet")
     p.add_argument("--labels", required=True, help="LABELS.csv")
-    p.add_argument("--model", help="MODEL_DIR (gives K; else K is selected)")
+    p.add_argument("--model", help="MODEL_DIR (its saved scorer; else K is selected)")
     p.add_argument("--horizons", default="0.1,0.25,0.5")
+    p.add_argument("--alpha", type=float, default=0.05, help="false-alarm rate of flagged")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=_backtest)
 
     p = sub.add_parser("suite", help="train a miniature Pythia-like multi-seed suite")
-    p.add_argument("--out", required=True, help="suite directory")
+    p.add_argument("--out", default=None, help="suite directory")
     p.add_argument("--sizes", default="nano", help="comma list of pico, nano, micro")
     p.add_argument("--seeds", default="0-9", help="seed list/ranges, e.g. 0-9 or 1,3,5")
     p.add_argument("--steps", type=int, default=400, help="training steps per run")
     p.add_argument("--corpus", default=None, help="text file (default: Python's doc topics)")
     p.add_argument("--vary", default="seed", choices=["seed", "data", "init"])
     p.add_argument("--unstable", default="3,4", help="seeds to plant instability in ('' none)")
+    p.add_argument(
+        "--defect",
+        default=None,
+        help="NAME[:STRENGTH] planted in --unstable (lr_schedule:4)",
+    )
+    p.add_argument("--list-defects", action="store_true", help="print the defects and exit")
     p.add_argument("--jobs", type=int, default=2, help="runs trained in parallel")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (training uses CPU)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -357,7 +357,7 @@ def test_merge_weight_features_with_evals(lm_eval_out):
 @needs_pythia
 def test_phase_model_and_scorer_on_eval_only_table():
     from polymap.phases import PhaseModel
-    from polymap.scoring import score_runs
+    from polymap.scoring import RiskScorer
 
     table, _ = ingest(PYTHIA)
     columns = ["eval.lambada_openai.acc", "eval.piqa.acc", "eval.arc_easy.acc", "eval.sciq.acc"]
@@ -367,8 +367,10 @@ def test_phase_model_and_scorer_on_eval_only_table():
     first = paths.sort_values("step").groupby("run")["state"].first()
     last = paths.sort_values("step").groupby("run")["state"].last()
     assert (first != last).all()  # every run leaves its initial phase
-    scores = score_runs(table, n_states=3, features=columns, until_step=13000, random_state=0)
+    scores = RiskScorer(phase_model=model, features=columns).fit(table)
+    scores = scores.score_reference(until_step=13000)
     assert len(scores) == 16 and scores["risk"].between(0, 1).all()
+    assert scores["p_value"].between(0, 1).all()
 
 
 @needs_pythia

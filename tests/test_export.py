@@ -18,7 +18,7 @@ from polymap.export import ExportError, export, load_inputs
 from polymap.export.figures import figure_size
 from polymap.export.graphs import DPI, JSON_SCHEMA
 from polymap.phases import fit_model_dir
-from polymap.scoring import score_runs
+from polymap.scoring import RiskScorer
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -29,7 +29,7 @@ def fitted(small_suite, tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     table = polymap.extract(small_suite, features="hu2023", device="cpu", progress=False)
     (model,) = fit_model_dir(table, root / "model", n_states=3, restarts=2).values()
-    scores = score_runs(table, model.n_states_, horizon=0.5)
+    scores = RiskScorer(phase_model=model).fit(table).score_reference(horizon=0.5)
     scores.loc[scores["run"] == "pico-seed2", "flagged"] = True  # one flagged run to group
     scores.to_csv(root / "scores.csv", index=False)
     labels = pd.DataFrame(

@@ -10,7 +10,15 @@ import pandas as pd
 import pytest
 
 from polymap.cli import main
-from polymap.scoring import ScoringError, backtest, label_runs, score_paths, score_runs
+from polymap.phases import PhaseModel
+from polymap.scoring import (
+    RiskScorer,
+    ScoringError,
+    backtest,
+    label_runs,
+    score_paths,
+    score_runs,
+)
 
 STEPS = np.array([0, 1, 2, 4, 8, 16, 32, 64] + list(range(100, 1001, 100)))
 
@@ -154,16 +162,17 @@ def test_labels_find_late_drops_and_spikes_not_clean_runs(table):
 
 def test_backtest_and_bad_inputs(table, tmp_path):
     labels = label_runs(table, "acc")
-    result = backtest(table, labels, n_states=3, horizons=(0.1, 0.25), out=tmp_path)
+    model = PhaseModel(n_states=3, restarts=1)
+    result = backtest(table, labels, horizons=(0.1, 0.25), out=tmp_path, phase_model=model)
     assert (result["auroc"] == 1.0).all() and (result["average_precision"] == 1.0).all()
     assert result.loc[result["horizon"] == 0.25, "median_lead_steps"].item() >= 700
     assert (tmp_path / "backtest.csv").exists() and (tmp_path / "backtest.png").exists()
     with pytest.raises(ScoringError, match="at least 3"):
         score_runs(table[table["run"].isin(["run0", "run1"])], 2)
     with pytest.raises(ScoringError, match="not in the features table"):
-        backtest(table, labels.assign(run=labels["run"] + "x"), 3)
+        backtest(table, labels.assign(run=labels["run"] + "x"), phase_model=model)
     with pytest.raises(ScoringError, match="both stable and unstable"):
-        backtest(table, labels.assign(unstable=False), 3)
+        backtest(table, labels.assign(unstable=False), phase_model=model)
     with pytest.raises(ScoringError, match="lacks reference feature"):
         score_runs(table, 3, targets=table.drop(columns=["syn.f1"]).head(5), until_step=8)
     with pytest.raises(ScoringError, match="horizon"):
@@ -252,25 +261,31 @@ def test_online_monitor_and_trainer_callback(tmp_path):
     for seed in range(4):
         make_tiny_run(tmp_path / "ref" / f"seed{seed}", steps=(0, 1, 2, 4), seed=seed)
     reference = polymap.extract(tmp_path / "ref", features="hu2023", device="cpu", progress=False)
-    fit_model_dir(reference, tmp_path / "model", n_states=1, restarts=1)
-    monitor = RiskMonitor(reference, tmp_path / "model", run="live", threshold=0.5)
+    (phase_model,) = fit_model_dir(reference, tmp_path / "model", n_states=1, restarts=1).values()
+    RiskScorer(phase_model=phase_model).fit(reference).save(tmp_path / "model")
+    monitor = RiskMonitor(reference, tmp_path / "model", run="live", alpha=0.05)
     model = tiny_model("gpt_neox", seed=11)
     first = monitor.observe(model, step=0)
-    assert 0 <= first["risk"] < 0.5 and first["step"] == 0
+    assert not first["flagged"] and first["p_value"] > 0.05 and first["step"] == 0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with __import__("torch").no_grad():
             for p in model.parameters():
                 p.mul_(25)  # a wildly off run
-        bad = monitor.observe(model, step=1)
-    assert bad["risk"] >= 0.5 and bad["flagged"]
+        early = [monitor.observe(model, step=s) for s in (1, 2)]
+        bad = monitor.observe(model, step=4)
+    # a deviation must last 3 checkpoints (persistence) before it can flag
+    assert not any(r["flagged"] for r in early)
+    assert bad["risk"] >= 0.95 and bad["flagged"] and bad["p_value"] <= 0.05
     assert any(issubclass(w.category, InstabilityWarning) for w in caught)
     callback = risk_callback(reference, tmp_path / "model", run="cb", stop=True)
-    model.save_pretrained(tmp_path / "out" / "checkpoint-2")
-    state = types.SimpleNamespace(global_step=2, log_history=[])
     control = types.SimpleNamespace(should_training_stop=False)
     args = types.SimpleNamespace(output_dir=str(tmp_path / "out"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        callback.on_save(args, state, control)
-    assert control.should_training_stop and state.log_history[-1]["polymap_risk"] >= 0.5
+    state = types.SimpleNamespace(global_step=0, log_history=[])
+    for step in (1, 2, 4):
+        model.save_pretrained(tmp_path / "out" / f"checkpoint-{step}")
+        state.global_step = step
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            callback.on_save(args, state, control)
+    assert control.should_training_stop and state.log_history[-1]["polymap_risk"] >= 0.95

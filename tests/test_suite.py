@@ -191,3 +191,76 @@ def test_training_map_on_a_suite(small_suite, tmp_path, capsys):
     assert main(["describe", str(out)]) == 0
     text = capsys.readouterr().out
     assert "Why K=" in text and "held-out log-likelihood" in text and "state 0" in text
+
+
+def _tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(path / "model.safetensors")
+
+
+def _lr_column(run: Path) -> list[str]:
+    with open(run / "train_log.csv") as fh:
+        return [r["lr"] for r in csv.DictReader(fh)]
+
+
+def test_every_defect_differs_from_the_healthy_run_only_by_itself(small_suite, tmp_path):
+    """One planted seed per defect against the healthy run of the same seed: same config
+    except the defect (and the schedule for the schedule defect), same step-0 weights,
+    same logged LR unless the defect is the schedule; the manifest records it all."""
+    from polymap.suite.defects import DEFECTS
+
+    healthy = small_suite / "pico-seed1"
+    healthy_spec = json.loads((healthy / "run.json").read_text())
+    for name, defect in DEFECTS.items():
+        out = tmp_path / name
+        build(out, sizes="pico", seeds="1", steps=24, unstable="1", defect=name, progress=False)
+        run = out / "pico-seed1"
+        spec = json.loads((run / "run.json").read_text())
+        changed = {k for k in spec if spec[k] != healthy_spec[k]}
+        allowed = {"planted", "defect", "strength"}
+        if name == "lr_schedule":
+            allowed |= {"peak_lr", "lr_period"}
+        assert changed <= allowed and {"planted", "defect", "strength"} <= changed, name
+        assert spec["strength"] == defect.default
+        if name != "lr_schedule":
+            assert _lr_column(run) == _lr_column(healthy), name
+        else:
+            assert _lr_column(run) != _lr_column(healthy)
+        start, other = _tensors(run / "step0"), _tensors(healthy / "step0")
+        assert all((start[k] == other[k]).all() for k in other), name
+        end, other_end = _tensors(run / "step24"), _tensors(healthy / "step24")
+        assert any((end[k] != other_end[k]).any() for k in other_end), name
+        manifest = json.loads((out / "manifest.json").read_text())
+        (entry,) = manifest["runs"]
+        assert entry["defect"] == name and entry["strength"] == defect.default
+        assert entry["planted"] and isinstance(entry["unstable"], bool)
+        assert "onset_step" in entry
+
+
+def test_defect_arguments(tmp_path, capsys):
+    from polymap.suite import run_specs
+    from polymap.suite.defects import DEFECTS, round_mantissa
+
+    assert main(["suite", "--list-defects"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines] == list(DEFECTS)
+    assert all("strength" in line for line in lines)
+    specs = run_specs(["pico"], "0-1", 24, unstable="1")  # no --defect: today's default
+    assert specs[1].defect == "lr_schedule" and specs[1].strength == 4.0
+    assert specs[1].peak_lr == pytest.approx(4 * specs[0].peak_lr)
+    assert specs[1].lr_period == 0.5 and specs[0].defect == ""
+    weak = run_specs(["pico"], "0-1", 24, unstable="1", defect="lr_schedule:2")[1]
+    assert weak.peak_lr == pytest.approx(2 * specs[0].peak_lr)
+    for bad in ("nope", "precision:99", "data_repeat:x"):
+        with pytest.raises(SuiteError):
+            run_specs(["pico"], "0-1", 24, unstable="1", defect=bad)
+    with pytest.raises(SuiteError, match="no --unstable"):
+        run_specs(["pico"], "0-1", 24, unstable="", defect="precision")
+    assert main(["suite", "--out", str(tmp_path / "x"), "--defect", "nope", "-q"]) == 2
+    # 7 mantissa bits = bfloat16: the rounding agrees with torch's own bf16 cast
+    import torch
+
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(round_mantissa(x, 7), x.to(torch.bfloat16).to(torch.float32))
+    capsys.readouterr()

@@ -14,6 +14,7 @@ Every figure has a fixed size (``figsize`` x ``DPI`` pixels) so files are predic
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -197,7 +198,13 @@ def risk_figure(inputs: ExportInputs, paths: list[Path]) -> list[Path]:
     scores = inputs.scores.sort_values("risk", ascending=True)
     y = np.arange(len(scores))
     bar_colors = ["crimson" if f else "0.6" for f in scores["flagged"].astype(bool)]
-    ax.barh(y, scores["risk"], color=bar_colors, height=0.6)
+    if "p_value" in scores.columns:  # RiskScorer: evidence as -log10 p, flag line at 0.05
+        values = -np.log10(np.clip(scores["p_value"].to_numpy(float), 1e-12, 1.0))
+        cap = max(4.0, float(np.nanmax(values)) if len(values) else 4.0)
+        line, xlabel = -math.log10(0.05), "evidence: -log10 p-value (dotted: p = 0.05)"
+    else:  # a SCORES.csv from the first scorer
+        values, cap, line, xlabel = scores["risk"].to_numpy(float), 1.0, 0.5, "risk"
+    ax.barh(y, values, color=bar_colors, height=0.6)
     labels = []
     for rec in scores.itertuples():
         mark = " (unstable)" if rec.run in inputs.unstable else ""
@@ -205,17 +212,16 @@ def risk_figure(inputs: ExportInputs, paths: list[Path]) -> list[Path]:
             mark = " (stable)"
         labels.append(f"{rec.run}{mark}")
     ax.set_yticks(y, labels, fontsize=8)
-    ax.set_xlim(0, 1.45)
-    ax.axvline(0.5, color="crimson", lw=0.8, ls=":")
+    ax.set_xlim(0, cap * 1.45)
+    ax.axvline(line, color="crimson", lw=0.8, ls=":")
     signals = [c for c in ("path_z", "likelihood_z", "deviation_z") if c in scores.columns]
     for rec_y, (_, rec) in zip(y, scores.iterrows(), strict=True):
         text = "  ".join(f"{c.removesuffix('_z')} {rec[c]:+.1f}" for c in signals)
-        ax.text(1.02, rec_y, text, va="center", fontsize=7, family="monospace")
+        ax.text(cap * 1.02, rec_y, text, va="center", fontsize=7, family="monospace")
     horizon = scores["horizon_step"].iloc[0] if "horizon_step" in scores.columns else None
-    title = "Outlier risk per run (red: flagged, risk >= 0.5); signal z-scores at right"
+    title = "Runs ranked by evidence (red: flagged); signal z-scores at right"
     if horizon is not None and not pd.isna(horizon):
         title += f"; checkpoints up to step {int(horizon)}"
     ax.set_title(title, fontsize=9)
-    ax.set_xlabel("risk")
-    ax.set_xticks([0, 0.25, 0.5, 0.75, 1.0])
+    ax.set_xlabel(xlabel)
     return save(fig, paths)

@@ -72,8 +72,9 @@ def write_report(inputs: ExportInputs, folder: Path, path: Path) -> Path:
     if inputs.scores is not None:
         columns = [
             c
-            for c in ("run", "risk", "flagged", "path_z", "likelihood_z", "deviation_z",
-                      "first_deviation_step", "horizon_step", "explanation")
+            for c in ("run", "risk", "flagged", "p_value", "path_z", "likelihood_z",
+                      "deviation_z", "first_flag_step", "first_deviation_step", "horizon_step",
+                      "explanation")
             if c in inputs.scores.columns
         ]  # fmt: skip
         scores = inputs.scores.sort_values("risk", ascending=False)[columns]

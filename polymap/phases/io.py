@@ -43,10 +43,8 @@ def _versions() -> dict:
     }
 
 
-def save_model(model, directory: Path) -> Path:
-    from polymap.phases.model import FORMAT, FORMAT_VERSION
-
-    directory.mkdir(parents=True, exist_ok=True)
+def model_arrays(model) -> dict[str, np.ndarray]:
+    """The arrays of a fitted PhaseModel: HMM parameters and the scaler."""
     hmm = model.hmm_
     covars = hmm.covars_
     if hmm.covariance_type == "diag":
@@ -61,25 +59,67 @@ def save_model(model, directory: Path) -> Path:
     if pre.center_ is not None:
         arrays["scaler_center"] = pre.center_
         arrays["scaler_scale"] = pre.scale_
+    return arrays
+
+
+def model_meta(model) -> dict:
+    """The JSON part of a fitted PhaseModel (parameters, K, preprocessing)."""
+    meta = {
+        "params": {k: getattr(model, k) for k in PARAMS},
+        "n_states": model.n_states_,
+        "covariance": model.hmm_.covariance_type,
+        "preprocessing": model.preprocessor_.to_dict(),
+        "train_runs": model.train_runs_,
+    }
+    meta["params"]["states_range"] = list(meta["params"]["states_range"])
+    return meta
+
+
+def model_from_arrays(cls, meta: dict, arrays: dict[str, np.ndarray]):
+    """A PhaseModel rebuilt from :func:`model_meta` and :func:`model_arrays`."""
+    from hmmlearn.hmm import GaussianHMM
+
+    params = dict(meta["params"])
+    params["states_range"] = tuple(params["states_range"])
+    model = cls(**params)
+    k, covariance = meta["n_states"], meta["covariance"]
+    hmm = GaussianHMM(n_components=k, covariance_type=covariance, init_params="", params="")
+    hmm.implementation = "log"
+    hmm.n_features = arrays["means"].shape[1]
+    hmm.startprob_ = arrays["startprob"]
+    hmm.transmat_ = arrays["transmat"]
+    hmm.means_ = arrays["means"]
+    hmm.covars_ = arrays["covars"]
+    prep = meta["preprocessing"]
+    pre = Preprocessor(prep["features"], prep["log_features"], prep["scale"])
+    if "scaler_center" in arrays:
+        pre.center_, pre.scale_ = arrays["scaler_center"], arrays["scaler_scale"]
+    model.hmm_, model.preprocessor_, model.n_states_ = hmm, pre, k
+    model.train_runs_ = meta["train_runs"]
+    return model
+
+
+def save_model(model, directory: Path) -> Path:
+    from polymap.phases.model import FORMAT, FORMAT_VERSION
+
+    directory.mkdir(parents=True, exist_ok=True)
+    arrays = model_arrays(model)
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "params": {k: getattr(model, k) for k in PARAMS},
-        "n_states": model.n_states_,
-        "covariance": hmm.covariance_type,
-        "preprocessing": pre.to_dict(),
+        **model_meta(model),
         "reason": model.reason_,
         "n_degenerate": model.n_degenerate_,
         "n_not_converged": model.n_not_converged_,
-        "train_runs": model.train_runs_,
         "checkpoint_order": "the HMM is over checkpoint order, not step distance",
         "versions": _versions(),
     }
-    meta["params"]["states_range"] = list(meta["params"]["states_range"])
     tmp = directory / f".{ARRAYS}.tmp.npz"
     np.savez(tmp, **arrays)
     os.replace(tmp, directory / ARRAYS)
-    (directory / MODEL_JSON).write_text(json.dumps(meta, indent=1, default=_jsonable))
+    json_tmp = directory / f".{MODEL_JSON}.tmp"
+    json_tmp.write_text(json.dumps(meta, indent=1, default=_jsonable))
+    os.replace(json_tmp, directory / MODEL_JSON)
     model.selection_.to_csv(directory / "selection.csv", index=False)
     return directory
 
@@ -93,8 +133,6 @@ def _jsonable(value):
 
 
 def load_model(cls, directory: Path):
-    from hmmlearn.hmm import GaussianHMM
-
     from polymap.phases.model import FORMAT, FORMAT_VERSION
 
     path = directory / MODEL_JSON
@@ -113,25 +151,10 @@ def load_model(cls, directory: Path):
         )
     with np.load(directory / ARRAYS, allow_pickle=False) as npz:
         arrays = {k: npz[k] for k in npz.files}
-    params = dict(meta["params"])
-    params["states_range"] = tuple(params["states_range"])
-    model = cls(**params)
-    k, covariance = meta["n_states"], meta["covariance"]
-    hmm = GaussianHMM(n_components=k, covariance_type=covariance, init_params="", params="")
-    hmm.n_features = arrays["means"].shape[1]
-    hmm.startprob_ = arrays["startprob"]
-    hmm.transmat_ = arrays["transmat"]
-    hmm.means_ = arrays["means"]
-    hmm.covars_ = arrays["covars"]
-    prep = meta["preprocessing"]
-    pre = Preprocessor(prep["features"], prep["log_features"], prep["scale"])
-    if "scaler_center" in arrays:
-        pre.center_, pre.scale_ = arrays["scaler_center"], arrays["scaler_scale"]
-    model.hmm_, model.preprocessor_, model.n_states_ = hmm, pre, k
+    model = model_from_arrays(cls, meta, arrays)
     model.reason_ = meta["reason"]
     model.n_degenerate_ = meta["n_degenerate"]
     model.n_not_converged_ = meta["n_not_converged"]
-    model.train_runs_ = meta["train_runs"]
     selection = directory / "selection.csv"
     model.selection_ = pd.read_csv(selection) if selection.exists() else pd.DataFrame()
     return model

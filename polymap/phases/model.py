@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.base import BaseEstimator
 
 from polymap.phases.preprocess import (
     PhaseInputError,
@@ -49,7 +50,7 @@ def _lengths(table: pd.DataFrame) -> list[int]:
     return table.groupby("run", sort=False).size().tolist()
 
 
-class PhaseModel:
+class PhaseModel(BaseEstimator):
     """Gaussian HMM of training phases over all runs, with model selection.
 
     Parameters
@@ -68,7 +69,8 @@ class PhaseModel:
         Log positive heavy-tailed columns before scaling.
     scale : {"global", "per-run"}
     n_folds, n_iter, tol, n_jobs, random_state
-        Cross-validation folds (by run), EM limits, joblib workers, seed.
+        Cross-validation folds (by run; < 2 = no run-level validation), EM limits,
+        joblib workers, seed. A scikit-learn estimator: ``sklearn.base.clone`` works.
 
     Attributes
     ----------
@@ -81,6 +83,7 @@ class PhaseModel:
 
     def __init__(
         self,
+        *,
         n_states: str | int = "auto",
         states_range: tuple[int, ...] = tuple(range(1, 9)),
         restarts: int = 5,
@@ -204,13 +207,16 @@ class PhaseModel:
         _, X, lengths = self._prepare(table)
         return float(self.hmm_.score(X, lengths)) / len(X)
 
-    def score_checkpoints(self, table: pd.DataFrame | str | Path) -> pd.DataFrame:
+    def score_checkpoints(
+        self, table: pd.DataFrame | str | Path, clip: float | None = None
+    ) -> pd.DataFrame:
         """Per-checkpoint ``log p(x_t | x_1..x_{t-1})`` of each run (the forward
-        algorithm's normalisers; they sum to the run's log-likelihood)."""
+        algorithm's normalisers; they sum to the run's log-likelihood). ``clip`` bounds
+        each feature's influence (see :func:`emission_loglik`)."""
         table, X, lengths = self._prepare(table)
         out, start = [], 0
         for n in lengths:
-            out.extend(forward_increments(self.hmm_, X[start : start + n]))
+            out.extend(forward_increments(self.hmm_, X[start : start + n], clip))
             start += n
         return pd.DataFrame({"run": table["run"], "step": table["step"], "loglik": out})
 
@@ -263,28 +269,37 @@ def permute_states(model, order: list[int]):
     return model
 
 
-def emission_loglik(model, X: np.ndarray) -> np.ndarray:
-    """``log N(x_t; mu_k, Sigma_k)`` for every row and state, shape (n, K)."""
-    from scipy.stats import multivariate_normal
+def emission_loglik(model, X: np.ndarray, clip: float | None = None) -> np.ndarray:
+    """``log N(x_t; mu_k, Sigma_k)`` for every row and state, shape (n, K).
 
+    ``clip``: bounded influence - each whitened residual (per feature for ``diag``, of the
+    Cholesky-whitened vector for ``full``) counts at most ``clip`` standard deviations,
+    so one wild feature cannot dominate a checkpoint's likelihood.
+    """
+    means = model.means_
     if model.covariance_type == "diag":
         var = np.array([np.diag(c) for c in model.covars_])  # (K, D)
-        diff = X[:, None, :] - model.means_[None, :, :]
-        return -0.5 * (np.log(2 * np.pi * var).sum(axis=1)[None, :] + (diff**2 / var).sum(axis=2))
-    return np.stack(
-        [
-            multivariate_normal(m, c, allow_singular=True).logpdf(X)
-            for m, c in zip(model.means_, model.covars_, strict=True)
-        ],
-        axis=-1,
-    ).reshape(len(X), -1)
+        r2 = (X[:, None, :] - means[None, :, :]) ** 2 / var[None, :, :]
+        logdet = np.log(2 * np.pi * var).sum(axis=1)
+    else:
+        r2 = np.empty((len(X), len(means), X.shape[1]))
+        logdet = np.empty(len(means))
+        for k, (m, c) in enumerate(zip(means, model.covars_, strict=True)):
+            chol = np.linalg.cholesky(c + 1e-12 * np.eye(len(c)))
+            white = np.linalg.solve(chol, (X - m).T).T
+            r2[:, k, :] = white**2
+            logdet[k] = X.shape[1] * np.log(2 * np.pi) + 2 * np.log(np.diag(chol)).sum()
+    if clip is not None:
+        r2 = np.minimum(r2, clip**2)
+    return -0.5 * (logdet[None, :] + r2.sum(axis=2))
 
 
-def forward_increments(model, X: np.ndarray) -> np.ndarray:
-    """``log p(x_t | x_<t)`` for t = 1..n under ``model`` (forward algorithm)."""
+def forward_increments(model, X: np.ndarray, clip: float | None = None) -> np.ndarray:
+    """``log p(x_t | x_<t)`` for t = 1..n under ``model`` (forward algorithm);
+    ``clip`` bounds each feature's influence (see :func:`emission_loglik`)."""
     from scipy.special import logsumexp
 
-    emissions = emission_loglik(model, X)
+    emissions = emission_loglik(model, X, clip)
     with np.errstate(divide="ignore"):
         log_start, log_trans = np.log(model.startprob_), np.log(model.transmat_)
     out = np.empty(len(X))

@@ -152,7 +152,10 @@ def select(
 ) -> tuple[list[dict], dict[int, FitResult]]:
     """Fit every (K, restart); return the selection rows and the best fit per K."""
     n_runs = len(lengths)
-    folds = run_folds(n_runs, min(n_folds, n_runs), random_state) if n_runs >= 2 else []
+    # n_folds < 2: no run-level validation (a forced K needs none; the scorer's
+    # leave-one-run-out clones use it)
+    cv = n_runs >= 2 and n_folds >= 2
+    folds = run_folds(n_runs, min(n_folds, n_runs), random_state) if cv else []
     jobs = [(k, r, random_state + 1000 * k + r) for k in ks if k <= len(X) for r in range(restarts)]
     results = Parallel(n_jobs=n_jobs)(
         delayed(_evaluate)(X, lengths, k, r, seed, covariance, n_iter, tol, folds)

@@ -1,10 +1,11 @@
 """``polymap backtest``: does the early score predict the later labels?
 
 For each horizon the reference runs are scored leave-one-run-out from their checkpoints
-up to that horizon only, and the risk is compared with the labels (``run, unstable,
-onset_step``): AUROC and average precision (scikit-learn), and for every flagged unstable
-run the lead time ``onset_step - first flag step`` (the first deviating checkpoint, or the
-horizon step when no single checkpoint crossed the threshold). Writes
+up to that horizon only (:meth:`RiskScorer.score_reference`), and the risk is compared
+with the labels (``run, unstable, onset_step``): AUROC and average precision
+(scikit-learn), precision and recall of ``flagged``, and for every flagged unstable run
+the lead time ``onset_step - first flag step`` (the first checkpoint whose persistent
+deviation is twice the reference's typical one, else the horizon step). Writes
 ``DIR/backtest.csv``, ``DIR/scores_h<horizon>.csv`` and ``DIR/backtest.png``.
 """
 
@@ -16,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from polymap.scoring.score import ScoringError, score_runs
+from polymap.scoring.score import ScoringError
+from polymap.scoring.scorer import RiskScorer
 
 
 def read_labels(labels: pd.DataFrame | str | Path, runs: list[str]) -> pd.DataFrame:
@@ -43,43 +45,62 @@ def read_labels(labels: pd.DataFrame | str | Path, runs: list[str]) -> pd.DataFr
 def backtest(
     features: pd.DataFrame,
     labels: pd.DataFrame | str | Path,
-    n_states: int,
     horizons: tuple[float, ...] = (0.1, 0.25, 0.5),
     out: str | Path | None = None,
+    scorer: RiskScorer | None = None,
+    phase_model=None,
+    alpha: float = 0.05,
     random_state: int = 0,
-    feature_columns: str | list[str] | None = None,
+    n_jobs: int = 1,
+    progress: bool = False,
 ) -> pd.DataFrame:
     """One row per horizon: ``horizon, horizon_step, auroc, average_precision,
-    n_flagged, true_positives, false_positives, median_lead_steps``."""
+    n_flagged, true_positives, false_positives, precision, recall, median_lead_steps``.
+
+    ``scorer``: a fitted :class:`RiskScorer` whose reference is ``features`` (as
+    ``polymap fit`` saves one); else one is fitted with ``phase_model`` (a PhaseModel,
+    fitted or not; default: K selected).
+    """
     from sklearn.metrics import average_precision_score, roc_auc_score
+    from tqdm.auto import tqdm
 
     runs = sorted(features["run"].astype(str).unique())
     labels = read_labels(labels, runs)
+    if scorer is None:
+        scorer = RiskScorer(
+            phase_model=phase_model,
+            alpha=alpha,
+            random_state=random_state,
+            n_jobs=n_jobs,
+            progress=progress,
+        ).fit(features)
     rows = []
     out = Path(out) if out is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    for h in horizons:
-        scores = score_runs(
-            features, n_states, horizon=h, random_state=random_state, features=feature_columns
-        )
+    for h in tqdm(horizons, desc="backtest", unit="horizon", disable=not progress):
+        scores = scorer.score_reference(horizon=h)
         merged = scores.merge(labels, on="run", how="inner")
         y, risk = merged["unstable"].to_numpy(bool), merged["risk"].to_numpy(float)
+        flagged = merged["flagged"].to_numpy(bool)
         leads = []
         for rec in merged[merged["flagged"] & merged["unstable"]].itertuples():
-            flag = rec.first_deviation_step
+            flag = rec.first_flag_step
             flag = rec.horizon_step if flag is None or pd.isna(flag) else flag
             if "onset_step" in merged.columns and not pd.isna(rec.onset_step):
                 leads.append(float(rec.onset_step) - float(flag))
+        tp = int((flagged & y).sum())
         rows.append(
             {
                 "horizon": h,
                 "horizon_step": int(scores["horizon_step"].iloc[0]),
                 "auroc": float(roc_auc_score(y, risk)),
                 "average_precision": float(average_precision_score(y, risk)),
-                "n_flagged": int(merged["flagged"].sum()),
-                "true_positives": int((merged["flagged"] & merged["unstable"]).sum()),
-                "false_positives": int((merged["flagged"] & ~merged["unstable"]).sum()),
+                "n_flagged": int(flagged.sum()),
+                "true_positives": tp,
+                "false_positives": int((flagged & ~y).sum()),
+                "precision": tp / flagged.sum() if flagged.sum() else math.nan,
+                "recall": tp / y.sum(),
                 "median_lead_steps": float(np.median(leads)) if leads else math.nan,
             }
         )

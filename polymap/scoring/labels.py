@@ -4,9 +4,15 @@ Two rules, either marks a run (``onset_step`` = the first step of whichever fire
 
 - **band**: the run's metric leaves the band of the *other* runs at the same steps, i.e.
   is worse than ``median +/- k * 1.4826 * MAD`` of the other runs (interpolated in step)
-  by more than ``min_gap``, at ``lasting`` consecutive checkpoints or more (``k`` = 5);
-- **spike** (for losses): the run's smoothed metric (EMA, ``alpha`` 0.3) rises above its own
-  running best by more than ``spike`` (0.05 nats by default), or stops being finite.
+  by more than ``min_gap``, at ``lasting`` (3) consecutive checkpoints or more (``k`` = 5);
+- **spike**: the run's metric (optionally smoothed: EMA with weight ``smoothing`` on the
+  newest value; 1 = raw, the default, as checkpoint evals are already averages) gets worse
+  than its own running best by more than ``spike`` (0.05 nats by default), or stops being
+  finite.
+
+This is the one instability rule of polymap: ``polymap label``, the suite's manifest
+(:func:`polymap.suite.measure_instability`, with ``min_gap`` 0.03 nats and ``lasting`` 3)
+and the scorer benchmark all call :func:`label_runs`.
 
 ``higher_is_better`` says which direction is worse: True for accuracies, False for losses;
 by default it is guessed from the column name (``loss``/``ppl``/``perplexity`` -> False).
@@ -21,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 K_MAD = 5.0
-LASTING = 2
+LASTING = 3
 
 
 def _guess_higher_is_better(metric: str) -> bool:
@@ -38,6 +44,7 @@ def label_runs(
     min_gap: float = 0.0,
     lasting: int = LASTING,
     spike: float | None = 0.05,
+    smoothing: float = 1.0,
 ) -> pd.DataFrame:
     """``run, unstable, onset_step`` for every run of ``table`` (columns run, step, metric).
 
@@ -93,7 +100,7 @@ def label_runs(
                         onsets.append(float(step))
                         break
                     continue
-                ema = value if ema is None else 0.3 * value + 0.7 * ema
+                ema = value if ema is None else smoothing * value + (1 - smoothing) * ema
                 if counted and best - sign * ema > spike and best > -math.inf:
                     onsets.append(float(step))
                     break

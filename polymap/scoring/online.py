@@ -4,8 +4,9 @@
 At each save the live model's features are extracted (the same feature sets as the
 reference table), appended to the run's history, and the run is scored against the
 reference runs with every checkpoint so far (``until_step`` = the current step). The
-risk is logged; past ``threshold`` a warning is issued and, with ``stop=True``, training
-is asked to stop.
+risk is logged; when the run is flagged (``p_value <= alpha``, the saved scorer's
+calibrated decision) a warning is issued and, with ``stop=True``, training is asked to
+stop.
 
 >>> monitor = RiskMonitor("reference.parquet", "model/", run="my-run")   # doctest: +SKIP
 >>> monitor.observe(model, step=1000)                                    # doctest: +SKIP
@@ -23,7 +24,6 @@ import pandas as pd
 
 from polymap.checkpoints import CheckpointRef
 from polymap.extraction import extract_checkpoint
-from polymap.scoring.score import score_runs
 from polymap.table import feature_columns, read_table
 
 log = logging.getLogger(__name__)
@@ -41,21 +41,21 @@ class RiskMonitor:
         reference: pd.DataFrame | str | Path,
         model_dir: str | Path,
         run: str = "live",
-        threshold: float = 0.5,
+        alpha: float = 0.05,
         device: str = "auto",
     ):
-        from polymap.phases import PhaseModel
+        from polymap.scoring.scorer import RiskScorer
 
         self.reference = (
             read_table(reference) if not isinstance(reference, pd.DataFrame) else (reference)
         )
-        self.n_states = PhaseModel.load(model_dir).n_states_
+        # the scorer saved by ``polymap fit``: nothing is refitted at the first call
+        self.scorer = RiskScorer.load(model_dir).set_params(alpha=alpha)
         sets = {c.split(".")[0] for c in feature_columns(self.reference)}
         self.feature_sets = sorted(sets & {"hu2023", "weights", "spectral"}) or ["hu2023"]
-        self.run, self.threshold, self.device = run, threshold, device
+        self.run, self.alpha, self.device = run, alpha, device
         self.history: list[dict] = []
         self.risks: list[dict] = []
-        self._cache: dict = {}
 
     def observe_checkpoint(self, directory: str | Path, step: int) -> dict:
         """Score after a checkpoint saved in ``directory`` (a Hugging Face model dir)."""
@@ -63,24 +63,30 @@ class RiskMonitor:
         row = extract_checkpoint(ref, self.feature_sets, self.device)
         self.history.append(row)
         targets = pd.DataFrame(self.history)
-        scores = score_runs(
-            self.reference, self.n_states, targets=targets, until_step=int(step), cache=self._cache
-        )
+        scores = self.scorer.score(targets, until_step=int(step))
         top = scores.iloc[0].to_dict()
         result = {
             "run": self.run,
             "step": int(step),
             **{
                 k: top[k]
-                for k in ("risk", "flagged", "path", "likelihood", "deviation", "explanation")
+                for k in (
+                    "risk",
+                    "flagged",
+                    "p_value",
+                    "path",
+                    "likelihood",
+                    "deviation",
+                    "explanation",
+                )
             },
         }
         self.risks.append(result)
         log.info("polymap risk at step %d: %.3f", step, result["risk"])
-        if result["risk"] >= self.threshold:
+        if result["flagged"]:
             warnings.warn(
-                f"run {self.run!r} at step {step}: outlier risk {result['risk']:.2f} >= "
-                f"{self.threshold} ({result['explanation']})",
+                f"run {self.run!r} at step {step}: flagged (p = {result['p_value']:.2g} <= "
+                f"{self.alpha}; {result['explanation']})",
                 InstabilityWarning,
                 stacklevel=2,
             )
@@ -93,20 +99,18 @@ class RiskMonitor:
             return self.observe_checkpoint(tmp, step)
 
 
-def risk_callback(
-    reference, model_dir, run: str = "live", threshold: float = 0.5, stop: bool = False
-):
+def risk_callback(reference, model_dir, run: str = "live", alpha: float = 0.05, stop: bool = False):
     """A ``transformers.TrainerCallback`` that scores every checkpoint the Trainer saves."""
     from transformers import TrainerCallback
 
-    monitor = RiskMonitor(reference, model_dir, run, threshold)
+    monitor = RiskMonitor(reference, model_dir, run, alpha)
 
     class PolymapRiskCallback(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
             directory = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             result = monitor.observe_checkpoint(directory, state.global_step)
             state.log_history.append({"step": state.global_step, "polymap_risk": result["risk"]})
-            if stop and result["risk"] >= threshold:
+            if stop and result["flagged"]:
                 control.should_training_stop = True
             return control
 

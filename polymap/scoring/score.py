@@ -1,4 +1,8 @@
-"""``polymap score``: outlier risk of each run from its checkpoints up to a horizon.
+"""The first scorer (v1), kept as the scorer benchmark's baseline, and the path signal.
+
+:class:`polymap.scoring.RiskScorer` is polymap's scorer (calibrated p-values, bounded
+evidence, saved with the map); ``score_runs`` below is the previous one (mean of three
+signal z-scores, ``combined >= 3``), which ``benchmarks/bench_scorer.py`` runs side by side.
 
 Reference = a FeatureTable of runs (+ the K of a fitted PhaseModel). A target is a
 reference run (scored **leave-one-run-out**: the phase model, its scaler, the consensus
@@ -144,19 +148,27 @@ def path_divergence(target_path: pd.DataFrame, other_paths: pd.DataFrame) -> flo
     rare states (visited by fewer than half of the other runs), and the transition
     timing: the mean distance, in log(1 + step), between the target's entry into each
     state and the other runs' median entry, as a fraction of log(1 + last step)."""
+    per, timing = path_disagreement(target_path, other_paths)
+    return float(per.mean()) + timing if len(per) else math.nan
+
+
+def path_disagreement(
+    target_path: pd.DataFrame, other_paths: pd.DataFrame
+) -> tuple[np.ndarray, float]:
+    """Per checkpoint of ``target_path`` (in its order): 1 if off the other runs' modal
+    state at the nearest step (in log step) plus 1 if in a rare state; and the timing
+    term of :func:`path_divergence`."""
     if target_path.empty or other_paths.empty:
-        return math.nan
+        return np.zeros(0), 0.0
     n_other = other_paths["run"].nunique()
     visits = other_paths.groupby("state")["run"].nunique()
     rare = {s for s, n in visits.items() if n < 0.5 * n_other}
     modal = other_paths.groupby("step")["state"].agg(lambda s: s.value_counts().index[0])
     steps = modal.index.to_numpy()
-    off, in_rare = 0, 0
+    per = []
     for step, state in zip(target_path["step"], target_path["state"], strict=True):
         nearest = steps[np.argmin(np.abs(np.log1p(steps) - math.log1p(step)))]
-        off += int(state != modal[nearest])
-        in_rare += int(state in rare or state not in visits.index)
-    n = len(target_path)
+        per.append(int(state != modal[nearest]) + int(state in rare or state not in visits.index))
     entries = other_paths.groupby(["run", "state"])["step"].min().groupby("state").median()
     own = target_path.groupby("state")["step"].min()
     span = math.log1p(max(float(target_path["step"].max()), 1.0))
@@ -165,8 +177,7 @@ def path_divergence(target_path: pd.DataFrame, other_paths: pd.DataFrame) -> flo
         for s in own.index
         if s in entries.index and s not in rare
     ]
-    timing = float(np.mean(shifts)) if shifts else 0.0
-    return off / n + in_rare / n + timing
+    return np.asarray(per, dtype=float), (float(np.mean(shifts)) if shifts else 0.0)
 
 
 @dataclass

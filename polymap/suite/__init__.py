@@ -7,9 +7,11 @@ documentation topics, or ``--corpus``) tokenised with a byte-level BPE trained o
 Checkpoints on a Pythia-like schedule as ``DIR/<run>/step<N>/`` (safetensors + tokenizer),
 with ``train_log.csv`` and ``eval_log.csv`` per run and ``DIR/manifest.json``.
 
-The planted instability (``--unstable SEEDS``) is a learning-rate schedule bug whose
-cause is in the configuration from step 0: the cosine decay is configured with half the
-run as its period and a peak 4x the healthy one (``lr_period=0.5``, ``PLANTED_PEAK``), as
+Planted instabilities (``--unstable SEEDS [--defect NAME[:STRENGTH]]``): a zoo of defects
+whose cause is present from step 0 (:mod:`polymap.suite.defects`; ``--list-defects``).
+Without ``--defect`` the planted runs get ``lr_schedule:4``, a learning-rate schedule bug:
+the cosine decay is configured with half the run as its period and a peak 4x the healthy
+one (``lr_period=0.5``), as
 when ``CosineAnnealingLR`` is given too small a ``T_max`` and keeps cycling. Early on the
 larger steps move the weights further than in the healthy runs (a trajectory difference
 but no loss penalty: planted runs are ahead at 25% of training); the rate then hits its
@@ -24,16 +26,14 @@ other runs' (:func:`measure_instability`), not assumed from ``planted``.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
-import math
 import multiprocessing as mp
 import os
 import shutil
 from collections.abc import Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import asdict
+from dataclasses import MISSING, asdict, fields, replace
 from pathlib import Path
 
 import pandas as pd
@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from polymap.checkpoints.sources import parse_int_list
 from polymap.suite.corpus import CorpusError, load_corpus
+from polymap.suite.defects import DEFECTS, LEGACY, DefectError, parse_defect
 from polymap.suite.schedule import checkpoint_steps, learning_rate
 from polymap.suite.train import RUN_FILE, SIZES, RunSpec, train_run
 
@@ -50,8 +51,6 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 DATA_FILE = "data.safetensors"
 TOKENIZER_DIR = "tokenizer"
-PLANTED_PEAK = 4.0
-PLANTED_PERIOD = 0.5
 RISE_THRESHOLD = 0.05  # nats of validation loss above its running minimum
 BAND_FLOOR = 0.03  # nats above the other runs' median that count as degraded
 LASTING_CHECKPOINTS = 3
@@ -64,6 +63,7 @@ __all__ = [
     "SuiteError",
     "build",
     "checkpoint_steps",
+    "instability_labels",
     "learning_rate",
     "measure_instability",
     "run_logs",
@@ -96,8 +96,13 @@ def run_specs(
     unstable: str | Iterable[int] = DEFAULT_UNSTABLE,
     corpus_digest: str = "",
     vocab_size: int = 512,
+    defect: str | None = None,
 ) -> list[RunSpec]:
-    """The runs of a suite, validated (no training, no corpus needed)."""
+    """The runs of a suite, validated (no training, no corpus needed).
+
+    ``defect`` (``NAME[:STRENGTH]``, see :mod:`polymap.suite.defects`) is planted in the
+    ``unstable`` seeds; without it they get today's default, ``lr_schedule:4``.
+    """
     if isinstance(sizes, str):
         sizes = [s.strip() for s in sizes.split(",") if s.strip()]
     unknown = [s for s in sizes if s not in SIZES]
@@ -112,32 +117,34 @@ def run_specs(
     stray = planted - set(seed_list)
     if stray:
         raise SuiteError(f"--unstable seeds {sorted(stray)} are not among --seeds {seed_list}")
+    try:
+        name, strength = parse_defect(defect or LEGACY)
+    except DefectError as err:
+        raise SuiteError(str(err)) from None
+    if defect and not planted:
+        raise SuiteError(f"--defect {defect}: no --unstable seeds to plant it in")
     specs = []
     for size in sizes:
         for seed in seed_list:
             bad = seed in planted
-            specs.append(
-                RunSpec(
-                    name=f"{size}-seed{seed}",
-                    size=size,
-                    seed=seed,
-                    init_seed=seed if vary in ("seed", "init") else 0,
-                    data_seed=seed if vary in ("seed", "data") else 0,
-                    steps=steps,
-                    warmup=max(8, steps // 50),
-                    peak_lr=3e-3 * (PLANTED_PEAK if bad else 1.0),
-                    lr_period=PLANTED_PERIOD if bad else 1.0,
-                    planted=bad,
-                    vocab_size=vocab_size,
-                    corpus=corpus_digest,
-                )
+            spec = RunSpec(
+                name=f"{size}-seed{seed}",
+                size=size,
+                seed=seed,
+                init_seed=seed if vary in ("seed", "init") else 0,
+                data_seed=seed if vary in ("seed", "data") else 0,
+                steps=steps,
+                warmup=max(8, steps // 50),
+                planted=bad,
+                defect=name if bad else "",
+                strength=strength if bad else 0.0,
+                vocab_size=vocab_size,
+                corpus=corpus_digest,
             )
+            if bad:
+                spec = replace(spec, **DEFECTS[name].spec_changes(strength, spec.peak_lr))
+            specs.append(spec)
     return specs
-
-
-def _read_eval_log(path: Path | str) -> list[tuple[int, float]]:
-    with open(path) as fh:
-        return [(int(r["step"]), float(r["val_loss"])) for r in csv.DictReader(fh)]
 
 
 def measure_instability(
@@ -147,43 +154,37 @@ def measure_instability(
     band: float = BAND_FLOOR,
     lasting: int = LASTING_CHECKPOINTS,
 ) -> tuple[bool, int | None]:
-    """``(unstable, onset_step)`` of a run from its ``eval_log.csv``.
+    """``(unstable, onset_step)`` of a run from its ``eval_log.csv`` against ``others``
+    (the eval logs of the suite's other runs of the same size).
 
-    Unstable when the validation loss (a) stops being finite, (b) rises more than
-    ``rise`` nats above its own running minimum (a loss spike), or (c) degrades lastingly
-    against ``others`` (the eval logs of the suite's other runs of the same size): above
-    ``median + max(band, 5 * MAD)`` of the other runs at the same step at every one of
-    at least ``lasting`` checkpoints through the end of training. The onset is the first
-    checkpoint of whichever happens first.
+    The rule is :func:`polymap.scoring.label_runs` on ``val_loss`` (the one used by
+    ``polymap label``): the loss stops being finite, rises more than ``rise`` nats above
+    its own running minimum, or is above ``median + max(band, 5 MAD)`` of the other runs
+    at ``lasting`` consecutive checkpoints; the onset is the first step of whichever
+    happens first.
     """
-    rows = _read_eval_log(eval_log)
-    onsets = []
-    best = math.inf
-    for step, loss in rows:
-        if not math.isfinite(loss) or loss > best + rise:
-            onsets.append(step)
-            break
-        best = min(best, loss)
-    curves = [dict(_read_eval_log(o)) for o in others]
-    above = []
-    for step, loss in rows:
-        peers = sorted(c[step] for c in curves if step in c and math.isfinite(c[step]))
-        if len(peers) < 2:
-            above.append(False)
-            continue
-        median = (
-            peers[len(peers) // 2]
-            if len(peers) % 2
-            else sum(peers[len(peers) // 2 - 1 : len(peers) // 2 + 1]) / 2
-        )
-        mad = sorted(abs(p - median) for p in peers)[len(peers) // 2]
-        above.append(loss > median + max(band, 5 * mad))
-    tail = 0
-    while tail < len(above) and above[len(above) - 1 - tail]:
-        tail += 1
-    if tail >= lasting:
-        onsets.append(rows[len(rows) - tail][0])
-    return (True, min(onsets)) if onsets else (False, None)
+    logs = [("target", eval_log), *((f"other{i}", o) for i, o in enumerate(others))]
+    table = pd.concat([pd.read_csv(p).assign(run=name) for name, p in logs], ignore_index=True)
+    labels = instability_labels(table)
+    row = labels.set_index("run").loc["target"]
+    return bool(row["unstable"]), (None if pd.isna(row["onset_step"]) else int(row["onset_step"]))
+
+
+def instability_labels(eval_logs: pd.DataFrame) -> pd.DataFrame:
+    """``run, unstable, onset_step`` of every run of a ``run, step, val_loss`` table,
+    each against the others, with the suite's thresholds (see
+    :func:`measure_instability`)."""
+    from polymap.scoring.labels import label_runs
+
+    return label_runs(
+        eval_logs,
+        "val_loss",
+        higher_is_better=False,
+        min_gap=BAND_FLOOR,
+        lasting=LASTING_CHECKPOINTS,
+        spike=RISE_THRESHOLD,
+        smoothing=1.0,
+    )
 
 
 def run_logs(directory: str | Path, log: str = "eval") -> pd.DataFrame:
@@ -199,10 +200,14 @@ def run_logs(directory: str | Path, log: str = "eval") -> pd.DataFrame:
 
 
 def _check_existing(out: Path, specs: list[RunSpec]) -> None:
+    defaults = {f.name: f.default for f in fields(RunSpec) if f.default is not MISSING}
     for spec in specs:
         saved = out / spec.name / RUN_FILE
         if saved.exists():
-            previous = json.loads(saved.read_text())
+            # a run written before a field existed had that field's default
+            previous = {**defaults, **json.loads(saved.read_text())}
+            if previous.get("planted") and not previous.get("defect"):
+                previous.update(defect="lr_schedule", strength=4.0)  # the only one then
             if previous != json.loads(json.dumps(asdict(spec))):
                 changed = sorted(k for k in previous if previous.get(k) != asdict(spec).get(k))
                 raise SuiteError(
@@ -256,6 +261,7 @@ def build(
     jobs: int = 1,
     device: str = "auto",
     progress: bool = True,
+    defect: str | None = None,
 ) -> dict:
     """Build (or finish) a suite in ``out``; returns the manifest.
 
@@ -271,9 +277,11 @@ def build(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise SuiteError(f"--out {out} exists and is not a directory")
-    run_specs(sizes, seeds, steps, vary, unstable)  # validate before reading the corpus
+    run_specs(sizes, seeds, steps, vary, unstable, defect=defect)  # validate first
     data = load_corpus(corpus)
-    specs = run_specs(sizes, seeds, steps, vary, unstable, data.digest, data.vocab_size)
+    specs = run_specs(
+        sizes, seeds, steps, vary, unstable, data.digest, data.vocab_size, defect=defect
+    )
     out.mkdir(parents=True, exist_ok=True)
     _check_existing(out, specs)
     save_file({"train": data.train, "validation": data.validation}, out / DATA_FILE)
@@ -330,10 +338,21 @@ def write_manifest(out: Path, specs: list[RunSpec], digest: str) -> dict:
     if (out / MANIFEST).exists():
         previous = {r["run"]: r for r in json.loads((out / MANIFEST).read_text())["runs"]}
     names = {s.name for s in specs}
-    logs = {s.name: out / s.name / "eval_log.csv" for s in specs}
+    logs = pd.concat(
+        [pd.read_csv(out / s.name / "eval_log.csv").assign(run=s.name) for s in specs],
+        ignore_index=True,
+    )
+    sizes = {s.name: s.size for s in specs}
+    labels = pd.concat(
+        [
+            instability_labels(logs[logs["run"].map(sizes) == size])
+            for size in sorted(set(sizes.values()))
+        ]
+    ).set_index("run")
     for spec in specs:
-        peers = [logs[o.name] for o in specs if o.size == spec.size and o.name != spec.name]
-        unstable, onset = measure_instability(logs[spec.name], peers)
+        unstable = bool(labels.loc[spec.name, "unstable"])
+        onset = labels.loc[spec.name, "onset_step"]
+        onset = None if pd.isna(onset) else int(onset)
         runs.append(
             {
                 "run": spec.name,
@@ -341,6 +360,8 @@ def write_manifest(out: Path, specs: list[RunSpec], digest: str) -> dict:
                 "size": spec.size,
                 "config": asdict(spec),
                 "planted": spec.planted,
+                "defect": spec.defect or None,
+                "strength": spec.strength if spec.defect else None,
                 "unstable": unstable,
                 "onset_step": onset,
             }

@@ -58,8 +58,8 @@ def run_demo(
     from polymap.export import export
     from polymap.extraction import extract
     from polymap.phases import fit_model_dir
-    from polymap.scoring import ScoringError, backtest, label_runs, score_runs
-    from polymap.suite import build, checkpoint_steps, run_logs
+    from polymap.scoring import RiskScorer, ScoringError, backtest
+    from polymap.suite import build, checkpoint_steps, instability_labels, run_logs
     from polymap.table import write_table
 
     out = Path(out)
@@ -107,19 +107,23 @@ def run_demo(
     _say("[4/7] fitting the training map (HMM, K selected by run-level cross-validation)", quiet)
     (model,) = fit_model_dir(table, out / "model", n_jobs=-1, random_state=0).values()
     _say(f"      K={model.n_states_}: {model.reason_}", quiet)
+    scorer = RiskScorer(phase_model=model, n_jobs=-1, progress=not quiet).fit(table)
+    scorer.save(out / "model")
     t = lap("fit", t)
 
     _say(f"[5/7] labelling instability from the runs' eval logs; scoring at {HORIZON:.0%}", quiet)
-    labels = label_runs(run_logs(out / "suite", "eval"), "val_loss")
+    labels = instability_labels(run_logs(out / "suite", "eval"))  # the manifest's rule
     labels.to_csv(out / "labels.csv", index=False)
-    scores = score_runs(table, model.n_states_, horizon=HORIZON)
+    scores = scorer.score_reference(horizon=HORIZON)
     scores.to_csv(out / "scores.csv", index=False)
     t = lap("score", t)
 
     _say("[6/7] backtesting the early score against the labels", quiet)
     result = None
     try:
-        result = backtest(table, labels, model.n_states_, (0.1, 0.25, 0.5), out / "backtest")
+        result = backtest(
+            table, labels, (0.1, 0.25, 0.5), out / "backtest", scorer=scorer, progress=not quiet
+        )
     except ScoringError as err:
         _say(f"      backtest skipped: {err}", quiet)
     t = lap("backtest", t)
@@ -153,14 +157,17 @@ def summary_text(summary: dict) -> str:
     scores: pd.DataFrame = summary["scores"]
     lines = [
         f"Training map: K={model.n_states_} states (see `polymap describe {out / 'model'}`)",
-        f"Risk at {HORIZON:.0%} of training (step {int(scores['horizon_step'].iloc[0])}):",
+        f"Risk at {HORIZON:.0%} of training (step {int(scores['horizon_step'].iloc[0])}; "
+        "flagged at p <= 0.05, the nominal false-alarm rate per run):",
     ]
     for rec in scores.itertuples():
         tags = ["planted"] if rec.run in summary["planted"] else []
         if rec.run in labels.index and labels.loc[rec.run, "unstable"]:
             tags.append(f"became unstable at step {labels.loc[rec.run, 'onset_step']}")
         flag = "FLAGGED" if rec.flagged else "       "
-        lines.append(f"  {flag} {rec.run:<14} risk {rec.risk:.2f}  {', '.join(tags)}")
+        lines.append(
+            f"  {flag} {rec.run:<14} risk {rec.risk:.2f}  p {rec.p_value:.2g}  {', '.join(tags)}"
+        )
     result = summary["backtest"]
     if result is not None:
         row = result[result["horizon"] == HORIZON].iloc[0]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from polymap.suite.defects import DEFECTS, Defect
 from polymap.suite.schedule import checkpoint_steps, learning_rate
 
 SIZES = {  # name: (hidden, layers, heads)
@@ -32,9 +33,9 @@ RUN_FILE = "run.json"
 class RunSpec:
     """Everything that determines one run.
 
-    Planted runs (``planted``) carry the defect documented in :mod:`polymap.suite`: a
-    cosine schedule whose period is too short (``lr_period`` < 1, see
-    :func:`~polymap.suite.schedule.learning_rate`) with a higher peak.
+    Planted runs (``planted``) carry ``defect`` at ``strength`` (see
+    :mod:`polymap.suite.defects`); only a schedule defect changes ``peak_lr`` /
+    ``lr_period`` here, every other defect acts inside :func:`train_run`.
     """
 
     name: str
@@ -51,6 +52,8 @@ class RunSpec:
     grad_clip: float = 1.0
     lr_period: float = 1.0
     planted: bool = False
+    defect: str = ""
+    strength: float = 0.0
     vocab_size: int = 512
     corpus: str = ""
 
@@ -69,12 +72,18 @@ class RunSpec:
         )
 
 
-def _batches(ids: torch.Tensor, spec: RunSpec):
+def _batches(ids: torch.Tensor, spec: RunSpec, defect: Defect | None = None):
+    """The run's training batches; a data defect edits them with its own generator, so
+    the healthy part of the stream is the same as the healthy run's."""
     gen = torch.Generator().manual_seed(10_000 + spec.data_seed)
+    defect_gen = torch.Generator().manual_seed(20_000 + spec.data_seed)
     high = ids.numel() - spec.seq_len - 1
     while True:
         starts = torch.randint(0, high, (spec.batch,), generator=gen)
-        yield torch.stack([ids[s : s + spec.seq_len] for s in starts.tolist()])
+        batch = torch.stack([ids[s : s + spec.seq_len] for s in starts.tolist()])
+        if defect is not None:
+            batch = defect.batch(batch, ids, defect_gen, spec.strength)
+        yield batch
 
 
 def _validation_batches(ids: torch.Tensor, spec: RunSpec, count: int = 128) -> torch.Tensor:
@@ -119,19 +128,25 @@ def train_run(
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
 
+    defect = DEFECTS[spec.defect] if spec.defect else None
     torch.manual_seed(spec.init_seed)
     model = GPTNeoXForCausalLM(spec.model_config()).to(device)
+    if defect is not None:
+        defect.init(model, spec.strength)
     model.train()
+    adam = {"betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": spec.weight_decay}
+    if defect is not None:
+        adam.update(defect.optimizer_kwargs(spec.strength))
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [
-        {"params": decay, "weight_decay": spec.weight_decay},
+        {"params": decay, "weight_decay": adam.pop("weight_decay")},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    opt = torch.optim.AdamW(groups, lr=spec.peak_lr, betas=(0.9, 0.95), eps=1e-8)
+    opt = torch.optim.AdamW(groups, lr=spec.peak_lr, **adam)
     saves = set(checkpoint_steps(spec.steps))
     val = _validation_batches(val_ids, spec).to(device)
-    batches = _batches(train_ids, spec)
+    batches = _batches(train_ids, spec, defect)
     tokens_per_step = spec.batch * spec.seq_len
     train_log = [("step", "loss", "lr", "grad_norm", "tokens")]
     eval_log = [("step", "val_loss")]
@@ -154,6 +169,8 @@ def train_run(
             norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip))
             if math.isfinite(norm):
                 opt.step()  # a non-finite step is skipped, as large-scale trainers do
+                if defect is not None:
+                    defect.after_step(model, spec.strength)
         else:
             norm = math.nan
         train_log.append((step + 1, float(loss.detach()), lr, norm, (step + 1) * tokens_per_step))

@@ -1,0 +1,809 @@
+"""``RiskScorer``: a calibrated early-warning decision per run, scikit-learn style.
+
+From a checkpoint's features to a flag, top to bottom:
+
+1. **Evidence per signal.** For a run cut at the horizon:
+
+   - ``deviation``: each feature's robust z against the *other* runs at the same step
+     (median and 1.4826 MAD of their curves, interpolated in log step; spread floored at
+     5% of the feature's inter-quartile range over the reference and at the value's own
+     ``<feature>_stderr`` when the table has one). Bounded influence: |z| is clipped at
+     ``z_clip``. Persistence: a feature counts at a checkpoint only as much as it also
+     deviated at the ``persistence - 1`` checkpoints before (the minimum over the window),
+     so a single checkpoint cannot decide. Per checkpoint the evidence is the mean of the
+     ``top_k`` largest persistent |z| - it grows with the number of agreeing features
+     and is not diluted by any number of quiet ones; the run's value is its
+     :func:`lasting_mean` (the largest mean over a stretch of at least 3 checkpoints that
+     runs up to the horizon: a deviation that started late is not averaged away by the
+     quiet checkpoints before it, a short event in the middle is). Features whose
+     reference spread is degenerate (fewer than ``MIN_DISTINCT`` distinct values: counts
+     such as ``outlier_frac``) are left out and listed in ``degenerate_features_``.
+   - ``path`` and ``likelihood``: the run's Viterbi path against the other runs' paths
+     and its mean forward log-likelihood per checkpoint, under a clone of the user's
+     :class:`~polymap.phases.PhaseModel` (same features, covariance, scaling, log
+     transform, restarts; K fixed to the fitted map's) fitted *without the run*. The
+     likelihood's emissions count each whitened residual at most ``z_clip`` SDs; both
+     are per-checkpoint series made persistent and aggregated like the deviation.
+
+2. **A p-value per signal** against the reference runs' own values (each computed
+   leave-one-run-out at the same horizon): the signal (``log`` for the positive
+   deviation) is standardised by the reference's median and 1.4826 MAD (floored per
+   signal, :data:`SIGNAL_FLOORS`), and ``p = P(T > z)`` for Student's t with ``n - 1``
+   degrees of freedom, scaled by ``sqrt(1 + 1/n)`` (the predictive distribution of one
+   more run). The plain conformal p-value ``(1 + #{reference >= value}) / (n + 1)`` is
+   reported too (``p_conformal``); it cannot go below ``1 / (n + 1)`` - 0.1 with 9
+   reference runs - which is why the decision uses the parametric tail, whose false-
+   alarm rate is *measured* (README, benchmarks/README.md) rather than guaranteed.
+
+3. **The decision.** The path signal is discrete (most healthy runs score exactly 0), so
+   its p-value is the conformal one; the deviation's is the t tail. ``p_value`` is
+   Bonferroni over the decision signals that can reach significance (Tarone's
+   refinement: with n reference runs the path's p cannot go below ``1 / (n + 1)``, so
+   below 40 runs it cannot flag at 0.05 and is not counted): one strong signal can flag
+   on its own. The likelihood's null is heavier-tailed than the t tail (measured: 5% of
+   healthy synthetic runs under a level of 1.7%), so it is reported, not decisive;
+   ``flagged = p_value <= alpha``: the nominal probability that a healthy run is flagged.
+   ``risk = 1 - (the smallest decision-signal p-value)`` ranks runs (a confidence that the
+   run is unlike the reference, not a probability of later instability). Testing N runs
+   at once flags about ``alpha * N`` healthy runs on average; pass ``alpha / N`` for a
+   family-wise rate.
+
+4. **Broken checkpoints are evidence.** A failed or non-finite checkpoint at or before
+   the horizon gives ``p_value = 0``, ``risk = 1``, ``flagged`` and a reason; a run whose
+   every checkpoint is broken is reported the same way, and never stops the others.
+
+>>> from polymap.phases import PhaseModel
+>>> scorer = RiskScorer(phase_model=PhaseModel(n_states=4), alpha=0.05)    # doctest: +SKIP
+>>> scorer.fit("features.parquet").score_reference(horizon=0.25)          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.base import BaseEstimator, clone
+
+from polymap.phases.model import PhaseModel
+from polymap.phases.preprocess import PhaseInputError, usable_rows
+from polymap.scoring.score import ScoringError, horizon_step, path_disagreement
+from polymap.table import feature_columns
+
+log = logging.getLogger(__name__)
+
+SIGNALS = ("path", "likelihood", "deviation")
+# the signals whose p-values decide ``flagged``: the likelihood's null is heavier-tailed
+# than the t tail assumes (measured: 5% of healthy runs below its Bonferroni level of
+# 1.7% on 240 healthy synthetic runs), so it is reported and ranks, but does not flag
+DECISION_SIGNALS = ("path", "deviation")
+SIGNAL_FLOORS = {"path": 0.05, "likelihood": 0.1, "deviation": 0.1}  # deviation: in log
+FEATURE_FLOOR = 0.05
+MIN_DISTINCT = 8
+SCORER_FORMAT = "polymap.RiskScorer"
+SCORER_VERSION = 1
+SCORER_JSON = "scorer.json"
+# not early-warning evidence: ``drift`` looks at the run's final checkpoint; standard
+# errors and non-finite counters describe a measurement, not the training state
+EXCLUDED_SETS = ("drift",)
+EXCLUDED_SUFFIXES = ("_stderr", "nonfinite_fraction", ".nonfinite")
+
+
+def scoring_features(table: pd.DataFrame, features: str | list[str] | None = None) -> list[str]:
+    """The deviation signal's columns: ``features`` (sets or columns), or by default
+    every feature column except ``drift.*``, standard errors and non-finite counters -
+    every role, the unembedding included."""
+    from polymap.phases.preprocess import select_columns
+
+    if features is not None:
+        return select_columns(table, features)
+    return [
+        c
+        for c in feature_columns(table)
+        if c.split(".")[0] not in EXCLUDED_SETS and not c.endswith(EXCLUDED_SUFFIXES)
+    ]
+
+
+def broken_rows(table: pd.DataFrame, features: list[str]) -> pd.DataFrame:
+    """Rows whose checkpoint failed (``status`` failed/nonfinite), or that have an
+    infinite feature value or none at all: ``run, step, why``."""
+    bad = pd.Series(False, index=table.index)
+    why = pd.Series("", index=table.index, dtype=object)
+    if "status" in table.columns:
+        failed = table["status"].isin(["failed", "nonfinite"])
+        bad |= failed
+        why[failed] = "checkpoint " + table.loc[failed, "status"].astype(str)
+    present = [f for f in features if f in table.columns]
+    if present:
+        # an infinite value, or no value at all, is a broken checkpoint; a few missing
+        # columns (an eval not run at that step) are just missing
+        values = table[present].to_numpy(float)
+        nonfinite = np.isinf(values).any(axis=1) | np.isnan(values).all(axis=1)
+        nonfinite = pd.Series(nonfinite, index=table.index) & ~bad
+        bad |= nonfinite
+        why[nonfinite] = "non-finite feature values"
+    out = table.loc[bad, ["run", "step"]].copy()
+    out["why"] = why[bad]
+    return out
+
+
+def persistent(values: np.ndarray, window: int) -> np.ndarray:
+    """Each checkpoint's value as far as it lasted: the minimum over it and the
+    ``window - 1`` checkpoints before it (0 before a run has that many), along axis 0.
+
+    >>> persistent(np.array([0.0, 9.0, 9.0, 1.0, 9.0]), 2).tolist()
+    [0.0, 0.0, 9.0, 1.0, 1.0]
+    """
+    values = np.asarray(values, dtype=float)
+    out = values.copy()
+    for lag in range(1, max(1, window)):
+        shifted = np.concatenate([np.zeros((lag, *values.shape[1:])), values[:-lag]])
+        out = np.minimum(out, shifted)
+    return out
+
+
+def lasting_mean(values: np.ndarray, min_length: int = 3) -> float:
+    """The largest mean of a stretch of checkpoints that runs up to the last one (at
+    least ``min_length`` long, or the whole series when shorter): how strongly the run
+    deviates *now*, over however long it has deviated.
+
+    >>> lasting_mean(np.array([0.0, 0.0, 0.0, 0.0, 3.0, 3.0, 3.0]))
+    3.0
+    >>> lasting_mean(np.array([0.0, 6.0, 0.0, 0.0, 0.0]))
+    1.5
+    """
+    values = np.asarray(values, dtype=float)
+    if len(values) <= min_length:
+        return float(values.mean()) if len(values) else math.nan
+    suffix = np.cumsum(values[::-1])[::-1] / np.arange(len(values), 0, -1)
+    return float(suffix[: len(values) - min_length + 1].max())
+
+
+def _degenerate(reference: pd.DataFrame, features: list[str]) -> list[str]:
+    values = reference[features]
+    distinct = values.nunique(dropna=True)
+    return [f for f in features if distinct[f] < MIN_DISTINCT]
+
+
+def feature_z(
+    target: pd.DataFrame, others: pd.DataFrame, features: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Robust |z| of every feature of ``target`` against ``others`` at the same step.
+
+    Returns ``(steps, z)`` for the target's checkpoints that have at least two
+    comparable other runs (``z`` has shape checkpoints x features; non-finite -> 0).
+    Peers' curves are interpolated in log(1 + step); the spread is 1.4826 MAD, floored
+    at ``FEATURE_FLOOR`` x the feature's inter-quartile range over ``others`` (its
+    standard deviation when that range is 0) and at the value's own ``<feature>_stderr``.
+    """
+    target = target.sort_values("step")
+    tx = np.log1p(target["step"].to_numpy(float))
+    values = target[features].to_numpy(float)
+    groups = [g for _, g in others.sort_values("step").groupby("run")]
+    peers = np.full((len(groups), len(tx), len(features)), np.nan)
+    for i, g in enumerate(groups):
+        sx = np.log1p(g["step"].to_numpy(float))
+        sv = g[features].to_numpy(float)
+        inside = (tx >= sx[0]) & (tx <= sx[-1])
+        for j in range(len(features)):
+            ok = np.isfinite(sv[:, j])
+            if ok.sum() >= 1:
+                peers[i, :, j] = np.interp(tx, sx[ok], sv[ok, j])
+        peers[i, ~inside, :] = np.nan
+    reference = others[features].to_numpy(float)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q75, q25 = np.nanpercentile(reference, [75, 25], axis=0)
+        spread = np.where(q75 > q25, q75 - q25, np.nan_to_num(np.nanstd(reference, axis=0)))
+        floor = np.maximum(FEATURE_FLOOR * spread, 1e-12)
+        noise = np.zeros_like(values)
+        for j, f in enumerate(features):
+            if f"{f}_stderr" in target.columns:
+                noise[:, j] = np.nan_to_num(target[f"{f}_stderr"].to_numpy(float))
+        median = np.nanmedian(peers, axis=0)
+        mad = 1.4826 * np.nanmedian(np.abs(peers - median), axis=0)
+        z = np.abs((values - median) / np.maximum(np.maximum(mad, floor), noise))
+    z = np.where(np.isfinite(z), z, 0.0)
+    enough = (np.isfinite(peers[:, :, 0]).sum(axis=0) >= 2) if groups else np.zeros(len(tx), bool)
+    return target["step"].to_numpy()[enough], z[enough]
+
+
+def feature_noise(z_by_run: dict[str, np.ndarray], exclude: str | None = None) -> np.ndarray:
+    """How far each feature strays in *typical* runs: the median over runs of each run's
+    90th percentile of |z| over its checkpoints, relative to the median feature's.
+
+    A feature whose healthy runs often reach large |z| (a power-law exponent whose fit
+    jumps between ranges, say) gets a factor > 1 and its |z| is divided by it; a median
+    over runs is unmoved by a minority of outlier runs. Features no noisier than the
+    median one keep factor 1.
+    """
+    per_run = [np.percentile(z, 90, axis=0) for r, z in z_by_run.items() if r != exclude and len(z)]
+    if not per_run:
+        return np.ones(0)
+    typical = np.median(np.vstack(per_run), axis=0)
+    reference = max(float(np.median(typical)), 1e-12)
+    return np.maximum(1.0, typical / reference)
+
+
+def deviation_evidence(
+    target: pd.DataFrame,
+    others: pd.DataFrame,
+    features: list[str],
+    z_clip: float = 8.0,
+    persistence: int = 3,
+    top_k: int = 5,
+    noise: np.ndarray | None = None,
+) -> pd.DataFrame:
+    """Per checkpoint of ``target``: ``step, evidence, top`` (see the module docs).
+
+    ``evidence`` is the mean of the ``top_k`` largest persistent clipped |z| (each
+    divided by its feature's ``noise`` factor, :func:`feature_noise`, when given);
+    ``top`` the three features behind it with their (raw) |z|.
+    """
+    steps, z = feature_z(target, others, features)
+    return evidence_from_z(steps, z, features, z_clip, persistence, top_k, noise)
+
+
+def evidence_from_z(steps, z, features, z_clip, persistence, top_k, noise=None) -> pd.DataFrame:
+    scaled = z / noise if noise is not None and len(noise) else z
+    lasting = persistent(np.minimum(scaled, z_clip), persistence)
+    rows = []
+    k = min(top_k, len(features))
+    for t in range(len(steps)):
+        order = np.argsort(-lasting[t])
+        rows.append(
+            {
+                "step": int(steps[t]),
+                "evidence": float(lasting[t, order[:k]].mean()),
+                "top": [(features[i], float(z[t, i])) for i in order[:3]],
+            }
+        )
+    return pd.DataFrame(rows, columns=["step", "evidence", "top"])
+
+
+def _tail(x: float, reference: np.ndarray, floor: float) -> tuple[float, float]:
+    """Robust z of ``x`` against ``reference`` and its one-sided p-value.
+
+    ``z = (x - median) / max(1.4826 MAD, floor)``; ``p = P(T > z / sqrt(1 + 1/m))`` for
+    Student's t with ``0.37 (m - 1)`` degrees of freedom (at least 2): the MAD of m
+    values is as informative as a standard deviation of about 37% as many (its
+    asymptotic efficiency at the normal), and the ``sqrt(1 + 1/m)`` is the predictive
+    spread of one more run.
+    """
+    from scipy.stats import t
+
+    m = len(reference)
+    median = float(np.median(reference))
+    mad = 1.4826 * float(np.median(np.abs(reference - median)))
+    z = (x - median) / max(mad, floor)
+    df = max(2.0, 0.37 * (m - 1))
+    return z, float(t.sf(z / math.sqrt(1 + 1 / m), df))
+
+
+def _conformal(value: float, pool: np.ndarray) -> float:
+    """``(1 + #{pool >= value}) / (n + 1)``: never below ``1 / (n + 1)``.
+
+    >>> _conformal(5.0, np.array([1.0, 2.0, 5.0]))
+    0.5
+    """
+    return (1 + int((np.asarray(pool) >= value).sum())) / (len(pool) + 1)
+
+
+def _tarone(tests: dict[str, tuple[float, float]], alpha: float) -> tuple[float, int]:
+    """Bonferroni over the signals that can reach significance (Tarone 1990): ``m`` is
+    the smallest count with at most ``m`` signals whose smallest attainable p-value is
+    ``<= alpha / m``; a signal that cannot reach ``alpha / m`` (the path's conformal
+    p-value with few reference runs) can never raise a false alarm and is not counted.
+    Returns ``(min(1, m * min p of the counted signals), m)``.
+
+    >>> _tarone({"path": (0.09, 1 / 12), "deviation": (0.02, 0.0)}, 0.05)
+    (0.02, 1)
+    >>> _tarone({"path": (0.01, 1 / 101), "deviation": (0.02, 0.0)}, 0.05)
+    (0.02, 2)
+    """
+    if not tests:
+        return 1.0, 1
+    for m in range(1, len(tests) + 1):
+        counted = [p for p, floor in tests.values() if floor <= alpha / m]
+        if len(counted) <= m:
+            break
+    if not counted:
+        return 1.0, m
+    return min(1.0, m * min(counted)), m
+
+
+def _first_flag_step(sig: dict, null: dict, run: str, alpha: float) -> int | None:
+    """The first checkpoint at which the deviation signal *up to it* (its running mean,
+    against the reference runs' running means at the same checkpoint) would flag."""
+    per = sig.get("_per")
+    if per is None or per.empty:
+        return None
+    pools = [s["_per"] for r, s in null.items() if r != run and "_per" in s]
+    running = per["evidence"].expanding().mean().to_numpy()
+    for i, step in enumerate(per["step"].to_numpy()):
+        ref = []
+        for other in pools:
+            before = other[other["step"] <= step]["evidence"]
+            if len(before):
+                ref.append(float(before.mean()))
+        if len(ref) < 2:
+            continue
+        ref = np.log(np.maximum(np.asarray(ref), 1e-6))
+        _, p = _tail(math.log(max(running[i], 1e-6)), ref, SIGNAL_FLOORS["deviation"])
+        if p <= alpha:
+            return int(step)
+    return None
+
+
+class RiskScorer(BaseEstimator):
+    """Calibrated early-warning scores of runs against reference runs.
+
+    Parameters
+    ----------
+    phase_model : PhaseModel, optional
+        The training map. Fitted: used as is (its K, features, covariance, scaling...);
+        unfitted: cloned and fitted on the reference; None: ``PhaseModel()`` (K selected).
+        The leave-one-run-out models are clones of it with K fixed.
+    features : str or list, optional
+        Columns of the deviation signal (default :func:`scoring_features`).
+    alpha : float
+        Nominal false-alarm rate of ``flagged`` per run (default 0.05).
+    z_clip, persistence, top_k
+        Bounded influence of a feature, checkpoints a deviation must last, features
+        averaged per checkpoint.
+    n_jobs : int
+        joblib workers for the leave-one-run-out fits.
+    random_state : int
+    progress : bool
+        A progress bar over the leave-one-run-out fits.
+
+    Attributes
+    ----------
+    phase_model_ : PhaseModel fitted on the whole reference
+    features_ : list of str (deviation columns actually used)
+    degenerate_features_ : list of str
+    reference_ : pandas.DataFrame (usable reference rows)
+    broken_ : pandas.DataFrame (``run, step, why`` of broken reference checkpoints)
+    loo_models_ : dict run -> PhaseModel fitted without that run (whole runs)
+    """
+
+    def __init__(
+        self,
+        *,
+        phase_model: PhaseModel | None = None,
+        features: str | list[str] | None = None,
+        alpha: float = 0.05,
+        z_clip: float = 8.0,
+        persistence: int = 3,
+        top_k: int = 5,
+        n_jobs: int = 1,
+        random_state: int = 0,
+        progress: bool = False,
+    ):
+        self.phase_model = phase_model
+        self.features = features
+        self.alpha = alpha
+        self.z_clip = z_clip
+        self.persistence = persistence
+        self.top_k = top_k
+        self.n_jobs = n_jobs
+        self.random_state = random_state
+        self.progress = progress
+
+    # -- fitting -------------------------------------------------------------------------
+    def _check_params(self) -> None:
+        if not 0 < self.alpha < 1:
+            raise ScoringError(f"alpha={self.alpha} must be in (0, 1)")
+        if self.z_clip <= 0 or self.persistence < 1 or self.top_k < 1:
+            raise ScoringError("z_clip must be > 0, persistence and top_k >= 1")
+
+    def fit(self, reference: pd.DataFrame | str | Path) -> RiskScorer:
+        """Fit on a reference FeatureTable (DataFrame or Parquet path); returns self."""
+        from polymap.phases.model import _as_table
+
+        self._check_params()
+        table = _as_table(reference)
+        if table.empty:
+            raise ScoringError("the reference table is empty")
+        model = self.phase_model
+        if model is None:
+            model = PhaseModel(random_state=self.random_state, n_jobs=self.n_jobs)
+        features = scoring_features(table, self.features)
+        self.broken_ = broken_rows(table, features)
+        clean = table.drop(index=self.broken_.index)
+        clean = usable_rows(clean)
+        runs = clean["run"].unique().tolist()
+        if len(runs) < 3:
+            raise ScoringError(f"the reference has {len(runs)} usable run(s); need at least 3")
+        if not hasattr(model, "hmm_"):
+            model = clone(model).fit(clean)
+        self.phase_model_ = model
+        degenerate = _degenerate(clean, features)
+        self.degenerate_features_ = degenerate
+        self.features_ = [f for f in features if f not in degenerate]
+        if not self.features_:
+            raise ScoringError("no usable deviation feature (all constant or discrete)")
+        if degenerate:
+            log.info("deviation leaves out %d discrete feature(s)", len(degenerate))
+        self.reference_ = clean
+        self.loo_models_ = self._fit_loo(clean, None)
+        self._null_cache: dict = {}
+        self._null_z: dict = {}
+        return self
+
+    def _template(self) -> PhaseModel:
+        return clone(self.phase_model_).set_params(
+            n_states=int(self.phase_model_.n_states_), n_folds=1, n_jobs=1
+        )
+
+    def _fit_loo(self, reference: pd.DataFrame, cut: int | None) -> dict[str, PhaseModel]:
+        from joblib import Parallel, delayed
+        from tqdm.auto import tqdm
+
+        runs = reference["run"].unique().tolist()
+        template = self._template()
+        desc = "leave-one-run-out fits" + (f" (step <= {cut})" if cut is not None else "")
+        bar = tqdm(runs, desc=desc, unit="run", disable=not self.progress, leave=False)
+        fitted = Parallel(n_jobs=self.n_jobs)(
+            delayed(_fit_without)(template, reference, run) for run in bar
+        )
+        return dict(zip(runs, fitted, strict=True))
+
+    # -- signals -------------------------------------------------------------------------
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "reference_"):
+            raise RuntimeError("this RiskScorer is not fitted yet; call fit() or load()")
+
+    def _signals(self, model, target, others, others_paths, per=None) -> dict:
+        """The three signals of one (clean, cut) target run against ``others``: each a
+        per-checkpoint series, made persistent (:func:`persistent`) and averaged."""
+        out = {s: math.nan for s in SIGNALS}
+        out.update(first_flag_step=None, explanation="no checkpoint before the horizon")
+        if target.empty:
+            return out
+        try:
+            loglik = model.score_checkpoints(target, clip=self.z_clip)["loglik"].to_numpy()
+            out["likelihood"] = lasting_mean(persistent(-loglik, self.persistence))
+            path = model.predict(target)
+            per_path, timing = path_disagreement(path, others_paths)
+            if len(per_path):
+                out["path"] = lasting_mean(persistent(per_path, self.persistence)) + timing
+        except PhaseInputError as err:
+            out["explanation"] = f"phase model: {err}"
+        if per is None:
+            per = deviation_evidence(
+                target, others, self.features_, self.z_clip, self.persistence, self.top_k
+            )
+        if len(per):
+            worst = per.loc[per["evidence"].idxmax()]
+            out["deviation"] = lasting_mean(per["evidence"].to_numpy())
+            top = ", ".join(f"{f} z={z:.1f}" for f, z in worst["top"])
+            out["explanation"] = f"largest persistent deviation at step {worst['step']}: {top}"
+            out["_per"] = per
+        else:
+            out["explanation"] = "no comparable reference checkpoints"
+        return out
+
+    def _reference_signals(self, cut: int, strict: bool) -> dict[str, dict]:
+        """Each reference run's signals at ``cut``, leave-one-run-out. ``strict``: every
+        run cut at ``cut`` and the leave-one-out models refitted on the cut reference (a
+        backtest); else the stored whole-run models and whole other runs."""
+        key = (cut, strict)
+        if key in self._null_cache:
+            return self._null_cache[key]
+        reference = self.reference_
+        if strict:
+            reference = reference[reference["step"] <= cut]
+            models = self._fit_loo(reference, cut)
+        else:
+            models = self.loo_models_
+        zs = {}
+        for run in models:
+            others = reference[reference["run"] != run]
+            target = reference[(reference["run"] == run) & (reference["step"] <= cut)]
+            zs[run] = feature_z(target, others, self.features_) if len(target) else None
+        z_only = {r: v[1] for r, v in zs.items() if v is not None}
+        out = {}
+        for run, model in models.items():
+            others = reference[reference["run"] != run]
+            target = reference[(reference["run"] == run) & (reference["step"] <= cut)]
+            others_paths = _safe_predict(model, others[others["step"] <= cut])
+            per = None
+            if zs[run] is not None:
+                per = self._evidence(*zs[run], feature_noise(z_only, exclude=run))
+            out[run] = self._signals(model, target, others, others_paths, per)
+        self._null_z[key] = z_only
+        self._null_cache[key] = out
+        return out
+
+    def _evidence(self, steps, z, noise) -> pd.DataFrame:
+        return evidence_from_z(
+            steps, z, self.features_, self.z_clip, self.persistence, self.top_k, noise
+        )
+
+    # -- decisions -----------------------------------------------------------------------
+    def _decide(self, run: str, sig: dict, null: dict[str, dict], cut: int, n: int) -> dict:
+        row = {"run": run}
+        tests = {}  # decision signal -> (p, smallest p it can reach)
+        for name in SIGNALS:
+            value = sig[name]
+            pool = np.array([s[name] for r, s in null.items() if r != run], dtype=float)
+            pool = pool[np.isfinite(pool)]
+            row[name] = value
+            if not math.isfinite(value) or len(pool) < 2:
+                row[f"{name}_z"], row[f"p_{name}"] = 0.0, 1.0
+                continue
+            x, ref = (value, pool)
+            if name == "deviation":
+                x, ref = math.log(max(value, 1e-6)), np.log(np.maximum(pool, 1e-6))
+            z, p = _tail(x, ref, SIGNAL_FLOORS[name])
+            if name == "path":  # discrete, mostly 0: only its rank is honest
+                p = _conformal(value, pool)
+            row[f"{name}_z"], row[f"p_{name}"] = z, p
+            if name in DECISION_SIGNALS:
+                tests[name] = (p, 1 / (len(pool) + 1) if name == "path" else 0.0)
+        p_value, counted = _tarone(tests, self.alpha)
+        dev_pool = np.array(
+            [s["deviation"] for r, s in null.items() if r != run and np.isfinite(s["deviation"])]
+        )
+        dev = sig["deviation"]
+        row["p_conformal"] = _conformal(dev, dev_pool) if math.isfinite(dev) else 1.0
+        flagged = p_value <= self.alpha and n > 0
+        first = _first_flag_step(sig, null, run, self.alpha / counted) if flagged else None
+        if flagged and first is None:
+            first = cut
+        smallest = min((p for p, _ in tests.values()), default=1.0)
+        row.update(
+            risk=1.0 - smallest if n > 0 else 0.0,
+            flagged=bool(flagged),
+            p_value=p_value if n > 0 else 1.0,
+            first_flag_step=first if flagged else None,
+            horizon_step=cut,
+            n_checkpoints=n,
+            explanation=sig["explanation"],
+        )
+        return row
+
+    def _broken_row(self, run: str, broken: pd.DataFrame, cut: int, n: int) -> dict:
+        first = broken.sort_values("step").iloc[0]
+        row = {"run": run, **{s: math.nan for s in SIGNALS}}
+        row.update({f"{s}_z": math.nan for s in SIGNALS})
+        row.update({f"p_{s}": math.nan for s in SIGNALS})
+        row.update(
+            risk=1.0,
+            flagged=True,
+            p_value=0.0,
+            p_conformal=math.nan,
+            first_flag_step=int(first["step"]),
+            horizon_step=cut,
+            n_checkpoints=n,
+            explanation=f"{first['why']} at step {int(first['step'])}"
+            + (f" ({len(broken)} broken checkpoint(s))" if len(broken) > 1 else ""),
+        )
+        return row
+
+    def score_reference(
+        self, horizon: float | None = None, until_step: int | None = None
+    ) -> pd.DataFrame:
+        """Backtest mode: every reference run scored leave-one-run-out from its
+        checkpoints up to the horizon, as at the moment all runs reached it (no
+        checkpoint after the horizon reaches any model, band or pool)."""
+        self._check_fitted()
+        cut = horizon_step(self.reference_, horizon, until_step)
+        null = self._reference_signals(cut, strict=True)
+        rows = []
+        for run in sorted(set(null) | set(self.broken_["run"])):
+            broken = self.broken_[(self.broken_["run"] == run) & (self.broken_["step"] <= cut)]
+            n = int(((self.reference_["run"] == run) & (self.reference_["step"] <= cut)).sum())
+            if len(broken):
+                rows.append(self._broken_row(run, broken, cut, n + len(broken)))
+            elif run in null:
+                rows.append(self._decide(run, null[run], null, cut, n))
+        return _frame(rows)
+
+    def score(
+        self,
+        targets: pd.DataFrame | str | Path,
+        horizon: float | None = None,
+        until_step: int | None = None,
+    ) -> pd.DataFrame:
+        """Score new or partial runs against the whole reference, without refitting.
+
+        Targets are cut at the horizon (a fraction of the reference runs' median length)
+        or ``until_step``; a target run named like a reference run is compared with the
+        reference without it.
+        """
+        from polymap.phases.model import _as_table
+
+        self._check_fitted()
+        targets = _as_table(targets)
+        if targets.empty:
+            raise ScoringError("the target table is empty")
+        for key in ("run", "step"):
+            if key not in targets.columns:
+                raise ScoringError(f"the target table has no {key!r} column")
+        missing = [f for f in self.features_ if f not in targets.columns]
+        if missing:
+            raise ScoringError(
+                f"targets lack {len(missing)} reference feature(s), e.g. {missing[:5]}"
+            )
+        cut = horizon_step(self.reference_, horizon, until_step)
+        null = self._reference_signals(cut, strict=False)
+        targets = targets.copy()
+        targets["run"] = targets["run"].astype(str)
+        broken = broken_rows(targets, self.features_)
+        clean = targets.drop(index=broken.index)
+        rows = []
+        full_paths = None
+        for run in sorted(targets["run"].unique()):
+            own_broken = broken[(broken["run"] == run) & (broken["step"] <= cut)]
+            target = clean[(clean["run"] == run) & (clean["step"] <= cut)]
+            n = len(target) + len(own_broken)
+            if len(own_broken):
+                rows.append(self._broken_row(run, own_broken, cut, n))
+                continue
+            if run in self.loo_models_:
+                model = self.loo_models_[run]
+                others = self.reference_[self.reference_["run"] != run]
+                others_paths = _safe_predict(model, others[others["step"] <= cut])
+            else:
+                model, others = self.phase_model_, self.reference_
+                if full_paths is None:
+                    full_paths = _safe_predict(model, others[others["step"] <= cut])
+                others_paths = full_paths
+            target = usable_rows(target) if len(target) else target
+            per = None
+            if len(target):
+                steps, z = feature_z(target, others, self.features_)
+                noise = feature_noise(self._null_z[(cut, False)], exclude=run)
+                per = self._evidence(steps, z, noise)
+            sig = self._signals(model, target, others, others_paths, per)
+            rows.append(self._decide(run, sig, null, cut, len(target)))
+        return _frame(rows)
+
+    # -- persistence ---------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        """Write ``scorer.json`` + ``scorer.npz`` (+ ``scorer_reference.parquet``) into a
+        MODEL_DIR (no pickles): the parameters, the deviation columns and every
+        leave-one-run-out model's arrays."""
+        from polymap.phases.io import model_arrays, model_meta
+
+        self._check_fitted()
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if not (directory / "model.json").exists():
+            self.phase_model_.save(directory)
+        params = {k: v for k, v in self.get_params(deep=False).items() if k != "phase_model"}
+        arrays, loo = {}, {}
+        for i, (run, model) in enumerate(self.loo_models_.items()):
+            for name, value in model_arrays(model).items():
+                arrays[f"m{i}.{name}"] = value
+            loo[run] = {"index": i, **model_meta(model)}
+        meta = {
+            "format": SCORER_FORMAT,
+            "format_version": SCORER_VERSION,
+            "params": params,
+            "features": self.features_,
+            "degenerate_features": self.degenerate_features_,
+            "loo_models": loo,
+        }
+        tmp = directory / ".scorer.npz.tmp.npz"
+        np.savez(tmp, **arrays)
+        os.replace(tmp, directory / "scorer.npz")
+        table_tmp = directory / ".scorer_reference.parquet.tmp"
+        self.reference_.to_parquet(table_tmp)
+        os.replace(table_tmp, directory / "scorer_reference.parquet")
+        broken_tmp = directory / ".scorer_broken.csv.tmp"
+        self.broken_.to_csv(broken_tmp, index=False)
+        os.replace(broken_tmp, directory / "scorer_broken.csv")
+        json_tmp = directory / f".{SCORER_JSON}.tmp"
+        json_tmp.write_text(json.dumps(meta, indent=1, default=_jsonable))
+        os.replace(json_tmp, directory / SCORER_JSON)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> RiskScorer:
+        """Load a scorer saved by :meth:`save` (``polymap fit`` writes one into every
+        MODEL_DIR). Scoring starts at once: nothing is refitted."""
+        from polymap.phases.io import model_from_arrays
+
+        directory = Path(directory)
+        path = directory / SCORER_JSON
+        if not path.exists():
+            raise ScoringError(
+                f"{directory}: no {SCORER_JSON} (a MODEL_DIR from before polymap's saved "
+                "scorer, or not a model directory); refit with `polymap fit`"
+            )
+        try:
+            meta = json.loads(path.read_text())
+        except ValueError as err:
+            raise ScoringError(f"{path}: unreadable ({err})") from err
+        if not isinstance(meta, dict) or meta.get("format") != SCORER_FORMAT:
+            raise ScoringError(f"{path}: not a {SCORER_FORMAT}")
+        if meta.get("format_version") != SCORER_VERSION:
+            raise ScoringError(
+                f"{path}: scorer format version {meta.get('format_version')!r} is not "
+                f"supported (this polymap reads {SCORER_VERSION}); refit with `polymap fit`"
+            )
+        phase_model = PhaseModel.load(directory)
+        scorer = cls(phase_model=phase_model, **meta["params"])
+        with np.load(directory / "scorer.npz", allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        scorer.loo_models_ = {}
+        for run, spec in meta["loo_models"].items():
+            prefix = f"m{spec['index']}."
+            own = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
+            scorer.loo_models_[run] = model_from_arrays(PhaseModel, spec, own)
+        scorer.phase_model_ = phase_model
+        scorer.features_ = meta["features"]
+        scorer.degenerate_features_ = meta["degenerate_features"]
+        scorer.reference_ = pd.read_parquet(directory / "scorer_reference.parquet")
+        scorer.broken_ = pd.read_csv(directory / "scorer_broken.csv")
+        if scorer.broken_.empty:
+            scorer.broken_ = pd.DataFrame(columns=["run", "step", "why"])
+        scorer.broken_["run"] = scorer.broken_["run"].astype(str)
+        scorer._null_cache = {}
+        scorer._null_z = {}
+        return scorer
+
+
+def _fit_without(template: PhaseModel, reference: pd.DataFrame, run: str) -> PhaseModel:
+    part = reference[reference["run"] != run]
+    k = template.n_states
+    for states in range(k, 0, -1):  # a short horizon may not support K states
+        try:
+            return clone(template).set_params(n_states=states).fit(part)
+        except PhaseInputError:
+            if states == 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _safe_predict(model: PhaseModel, table: pd.DataFrame) -> pd.DataFrame:
+    try:
+        return model.predict(table)
+    except PhaseInputError:
+        return pd.DataFrame(columns=["run", "step", "state"])
+
+
+COLUMNS = [
+    "run",
+    "risk",
+    "flagged",
+    "p_value",
+    "p_conformal",
+    *SIGNALS,
+    *(f"{s}_z" for s in SIGNALS),
+    *(f"p_{s}" for s in SIGNALS),
+    "first_flag_step",
+    "horizon_step",
+    "n_checkpoints",
+    "explanation",
+]
+
+
+def _frame(rows: list[dict]) -> pd.DataFrame:
+    out = pd.DataFrame(rows, columns=COLUMNS)
+    out["first_flag_step"] = out["first_flag_step"].astype("Int64")
+    out["flagged"] = out["flagged"].astype(bool)
+    return out.sort_values(["risk", "run"], ascending=[False, True], kind="stable").reset_index(
+        drop=True
+    )
+
+
+def _jsonable(value):
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+__all__ = ["RiskScorer", "broken_rows", "deviation_evidence", "scoring_features"]

@@ -1,0 +1,193 @@
+"""RiskScorer: a scikit-learn estimator, scored on the fitted map's own configuration,
+robust to one feature or one checkpoint, calibrated on healthy references, saved and
+loaded without refitting, and treating broken checkpoints as evidence."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.base import clone
+from test_scoring import STEPS, runs_table
+
+from polymap.cli import main
+from polymap.phases import PhaseModel
+from polymap.scoring import RiskScorer, ScoringError
+from polymap.scoring.scorer import deviation_evidence, lasting_mean, persistent
+
+
+@pytest.fixture(scope="module")
+def table():
+    return runs_table()
+
+
+@pytest.fixture(scope="module")
+def fitted(table):
+    return RiskScorer(phase_model=PhaseModel(n_states=3, restarts=2)).fit(table)
+
+
+def test_clone_both_estimators():
+    model = PhaseModel(n_states=4, covariance="full", features=["a.x"], random_state=3)
+    copy = clone(model)
+    assert copy is not model and copy.get_params() == model.get_params()
+    scorer = RiskScorer(phase_model=model, alpha=0.01, z_clip=5.0)
+    again = clone(scorer)
+    assert again.alpha == 0.01 and again.z_clip == 5.0
+    assert again.phase_model.get_params() == model.get_params()
+    with pytest.raises(TypeError):
+        RiskScorer(model)  # keyword-only, as scikit-learn asks
+
+
+def test_planted_runs_flagged_healthy_not(fitted):
+    scores = fitted.score_reference(horizon=0.25)
+    assert list(scores.columns[:4]) == ["run", "risk", "flagged", "p_value"]
+    assert set(scores.loc[scores["flagged"], "run"]) == {"run3", "run7"}
+    assert scores["risk"].between(0, 1).all()
+    top = scores.set_index("run").loc["run3"]
+    assert top["p_value"] < 1e-3 and top["p_conformal"] >= 1 / 10
+    assert top["first_flag_step"] in (16, 32, 64) and top["horizon_step"] == 250
+    assert "syn.f" in top["explanation"]
+
+
+def test_nothing_after_the_horizon_changes_the_backtest(table):
+    cut = 250
+    scorer = RiskScorer(phase_model=PhaseModel(n_states=3, restarts=1))
+    before = clone(scorer).fit(table).score_reference(until_step=cut)
+    changed = table.copy()
+    late = changed["step"] > cut
+    features = [c for c in table.columns if c.startswith("syn.")]
+    changed.loc[late, features] = np.random.default_rng(9).normal(size=(late.sum(), 6)) * 50
+    after = clone(scorer).fit(changed).score_reference(until_step=cut)
+    pd.testing.assert_frame_equal(before, after)
+
+
+def test_scored_on_the_maps_own_features_and_covariance(table, tmp_path):
+    """`polymap score --model` used to refit with default features and diag covariance."""
+    features = tmp_path / "f.parquet"
+    table.to_parquet(features)
+    args = ["fit", str(features), "--out", str(tmp_path / "m"), "--states", "2"]
+    args += ["--features", "syn.f0,syn.f3", "--covariance", "full", "--restarts", "1", "-q"]
+    assert main(args) == 0
+    scorer = RiskScorer.load(tmp_path / "m")
+    for model in scorer.loo_models_.values():
+        assert model.preprocessor_.features == ["syn.f0", "syn.f3"]
+        assert model.hmm_.covariance_type == "full" and model.n_states_ == 2
+    # the backtest's likelihood signal equals a leave-one-out computation by hand with
+    # a map of that configuration, fitted on the reference cut at the horizon
+    cut = 250
+    scores = scorer.score_reference(until_step=cut).set_index("run")
+    part = table[table["step"] <= cut]
+    again = PhaseModel(
+        n_states=2, features=["syn.f0", "syn.f3"], covariance="full", restarts=1, n_folds=1
+    ).fit(part[part["run"] != "run5"])
+    loglik = again.score_checkpoints(part[part["run"] == "run5"], clip=8.0)["loglik"]
+    expected = lasting_mean(persistent(-loglik.to_numpy(), 3))
+    assert scores.loc["run5", "likelihood"] == pytest.approx(expected, rel=1e-9)
+    out = tmp_path / "s.csv"
+    assert main(["score", str(features), "--model", str(tmp_path / "m"), "--out", str(out)]) == 0
+    saved = pd.read_csv(out)
+    assert list(saved.columns[:4]) == ["run", "risk", "flagged", "p_value"]
+
+
+def test_one_feature_at_two_checkpoints_does_not_flag():
+    healthy = runs_table(outliers=(), seed=4)
+    spiky = healthy.copy()
+    rows = (spiky["run"] == "run5") & spiky["step"].isin([8, 16])
+    spread = healthy.loc[healthy["step"] == 8, "syn.f2"].std()
+    spiky.loc[rows, "syn.f2"] += 300 * spread  # z ~ 300 at two consecutive checkpoints
+    scorer = RiskScorer(phase_model=PhaseModel(n_states=2, restarts=1)).fit(spiky)
+    scores = scorer.score_reference(horizon=0.5).set_index("run")
+    assert not scores["flagged"].any()
+    # a deviation must last 3 checkpoints; its influence is bounded at z_clip
+    alone = spiky[spiky["run"] == "run5"]
+    per = deviation_evidence(alone, spiky[spiky["run"] != "run5"], ["syn.f2"], z_clip=8.0)
+    assert per["evidence"].max() < 1.0  # two checkpoints of z ~ 300 leave no trace
+    longer = spiky.copy()
+    longer.loc[(longer["run"] == "run5") & (longer["step"] == 32), "syn.f2"] += 300 * spread
+    alone = longer[longer["run"] == "run5"]
+    per = deviation_evidence(alone, longer[longer["run"] != "run5"], ["syn.f2"], z_clip=8.0)
+    assert per["evidence"].max() == pytest.approx(8.0)
+    assert per.set_index("step").loc[32, "evidence"] == pytest.approx(8.0)
+
+
+def test_one_persistent_signal_flags():
+    """One signal alone (the others quiet) is enough: evidence combines by min p."""
+    healthy = runs_table(outliers=(), seed=5)
+    shifted = healthy.copy()
+    rows = (shifted["run"] == "run2") & (shifted["step"] >= 16)
+    for f in ("syn.f0", "syn.f1"):
+        shifted.loc[rows, f] += 0.6  # ~12 noise SDs, in two features, from step 16 on
+    scorer = RiskScorer(phase_model=PhaseModel(n_states=1, restarts=1)).fit(shifted)
+    scores = scorer.score_reference(horizon=0.25).set_index("run")
+    assert scores["flagged"].sum() == 1 and scores.loc["run2", "flagged"]
+    assert scores.loc["run2", "p_value"] <= 0.05 and scores.loc["run2", "p_deviation"] < 0.025
+
+
+@pytest.mark.slow
+def test_false_alarm_rate_on_healthy_references():
+    """20 healthy-only references of 12 runs: 240 scored runs at alpha 0.05."""
+    flagged, scored = 0, 0
+    for seed in range(20):
+        healthy = runs_table(n_runs=12, outliers=(), seed=100 + seed)
+        scorer = RiskScorer(phase_model=PhaseModel(n_states=2, restarts=1), alpha=0.05)
+        scores = scorer.fit(healthy).score_reference(horizon=0.25)
+        flagged += int(scores["flagged"].sum())
+        scored += len(scores)
+    rate = flagged / scored
+    assert scored >= 200
+    assert rate <= 0.05 + 2 * math.sqrt(0.05 * 0.95 / scored)
+
+
+def test_broken_checkpoints_are_evidence(table):
+    features = [c for c in table.columns if c.startswith("syn.")]
+    broken = table.copy()
+    broken.loc[(broken["run"] == "run1") & broken["step"].isin([32, 64]), features] = np.nan
+    broken.loc[broken["run"] == "run9", features] = np.nan
+    broken["status"] = "ok"
+    broken.loc[broken["run"] == "run9", "status"] = "failed"
+    scorer = RiskScorer(phase_model=PhaseModel(n_states=3, restarts=1)).fit(broken)
+    scores = scorer.score_reference(horizon=0.25).set_index("run")
+    assert len(scores) == 10  # the all-failed run is reported, the others scored
+    assert scores.loc["run1", "flagged"] and scores.loc["run1", "risk"] == 1.0
+    assert "non-finite" in scores.loc["run1", "explanation"]
+    assert scores.loc["run1", "first_flag_step"] == 32
+    assert scores.loc["run9", "flagged"] and "failed" in scores.loc["run9", "explanation"]
+    assert {"run3", "run7"} <= set(scores.index[scores["flagged"]])
+    # a broken checkpoint *after* the horizon does not count at that horizon
+    early = scorer.score_reference(until_step=16).set_index("run")
+    assert not early.loc["run1", "flagged"]
+
+
+def test_new_partial_runs_scored_without_refit(table, tmp_path, monkeypatch):
+    reference = table[~table["run"].isin(["run3", "run7"])]
+    scorer = RiskScorer(phase_model=PhaseModel(n_states=3, restarts=1)).fit(reference)
+    scorer.save(tmp_path / "m")
+    loaded = RiskScorer.load(tmp_path / "m")
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("scoring a new run must not refit anything")
+
+    monkeypatch.setattr(PhaseModel, "fit", no_fit)
+    newcomers = runs_table(n_runs=10, seed=0)
+    bad = newcomers[(newcomers["run"] == "run7") & (newcomers["step"] <= 64)].assign(run="bad")
+    ok = newcomers[(newcomers["run"] == "run1") & (newcomers["step"] <= 64)].assign(run="ok")
+    scores = loaded.score(pd.concat([bad, ok]), until_step=64).set_index("run")
+    assert scores.loc["bad", "flagged"] and not scores.loc["ok", "flagged"]
+    assert scores.loc["bad", "n_checkpoints"] == (STEPS <= 64).sum()
+    direct = scorer.score(pd.concat([bad, ok]), until_step=64).set_index("run")
+    pd.testing.assert_frame_equal(scores, direct)
+    late = newcomers[(newcomers["run"] == "run2") & (newcomers["step"] > 600)].assign(run="late")
+    row = loaded.score(late, until_step=64).iloc[0]
+    assert row["risk"] == 0.0 and not row["flagged"] and row["n_checkpoints"] == 0
+    with pytest.raises(ScoringError, match="lack"):
+        loaded.score(bad.drop(columns=["syn.f1"]), until_step=64)
+
+
+def test_old_model_dir_gets_a_clear_message(table, tmp_path):
+    PhaseModel(n_states=2, restarts=1).fit(table).save(tmp_path / "old")
+    with pytest.raises(ScoringError, match="refit with `polymap fit`"):
+        RiskScorer.load(tmp_path / "old")
+    with pytest.raises(ScoringError, match="alpha"):
+        RiskScorer(alpha=1.5).fit(table)
