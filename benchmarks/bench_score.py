@@ -116,13 +116,15 @@ def main() -> None:
         return
     table, _ = synthetic()
     v1, v2, online_v2, online_v1 = [], [], [], []
-    for _ in range(args.repeats):
+    for i in range(args.repeats):
         v1.append(run_v1(table))
         seconds, scorer = run_v2(table, args.jobs)
         v2.append(seconds)
         loaded, refit = first_online(scorer, table)
         online_v2.append(loaded)
         online_v1.append(refit)
+        print(f"repeat {i + 1}: v1 {v1[-1]:.1f} s, RiskScorer {v2[-1]:.1f} s, first online "
+              f"{online_v1[-1]:.2f} / {online_v2[-1]:.2f} s", flush=True)  # fmt: skip
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, Python "
         f"{platform.python_version()}; 50 runs x 154 checkpoints x 40 features, K=5, "

@@ -80,6 +80,13 @@ def case_name(defect: str, strength: float) -> str:
     return f"{defect}-{strength:g}"
 
 
+def known_cases(cfg: dict) -> set[str]:
+    """The zoo cases of the current grid and the healthy-only suites' names."""
+    names = {case_name(d, s) for d, s in cases(cfg)}
+    step = HEALTHY_IN_CASE
+    return names | {f"healthy-{s}" for s in range(step, cfg["healthy"] - step + 1, step)}
+
+
 def build_zoo(cfg: dict, jobs: int) -> Path:
     """Train the healthy pool and the planted runs of every case; extract features."""
     from polymap.extraction import extract
@@ -313,6 +320,7 @@ def zoo_outcomes(root: Path, cfg: dict) -> pd.DataFrame:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--summary-only", action="store_true", help="redraw from results.csv")
     parser.add_argument("--healthy", type=int, default=36, help="healthy pool seeds")
     parser.add_argument("--planted", type=int, default=3, help="planted seeds per case")
     parser.add_argument("--jobs", type=int, default=2)
@@ -321,6 +329,9 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", default=None, help="comma list of DEFECT-STRENGTH to score")
     parser.add_argument("--out", default=str(HERE / "out" / "scorer"))
     args = parser.parse_args(argv)
+    if args.summary_only:
+        write_summary(pd.read_csv(Path(args.out) / "results.csv"), Path(args.out))
+        return 0
     cfg = config(args)
     root = build_zoo(cfg, args.jobs)
     out = Path(args.out)
@@ -366,6 +377,12 @@ def main(argv=None) -> int:
                 rows.append(row)
         print(f"{name}: scored", flush=True)
     results = pd.DataFrame(rows)
+    previous = out / "results.csv"
+    if chosen and previous.exists():  # --cases: replace those cases' rows, keep the rest
+        kept = pd.read_csv(previous)
+        kept = kept[~kept["case"].isin(results["case"].unique())]
+        kept = kept[kept["case"].isin(known_cases(cfg))]
+        results = pd.concat([kept, results], ignore_index=True)
     results.to_csv(out / "results.csv", index=False)
     write_summary(results, out)
     print(f"wrote {out / 'results.csv'}, summary.md, auroc.png")
@@ -433,7 +450,7 @@ def write_summary(results: pd.DataFrame, out: Path) -> None:
         ]
     (out / "summary.md").write_text("\n".join(lines))
     defects = sorted(zoo["defect"].unique())
-    fig = Figure(figsize=(3.2 * len(defects), 3.4), dpi=110)
+    fig = Figure(figsize=(2.9 * len(defects), 3.6), dpi=110, layout="constrained")
     axes = fig.subplots(1, len(defects), sharey=True, squeeze=False)[0]
     styles = {
         "polymap": ("C3", "o", "-"),
@@ -450,14 +467,16 @@ def write_summary(results: pd.DataFrame, out: Path) -> None:
         for method, (color, marker, line) in styles.items():
             m = part[part["method"] == method].sort_values("horizon")
             if len(m):
-                ax.plot(m["horizon"], m["auroc"], line, color=color, marker=marker, label=method)
+                x = [HORIZONS.index(h) for h in m["horizon"]]
+                ax.plot(x, m["auroc"], line, color=color, marker=marker, label=method)
         ax.axhline(0.5, color="0.6", lw=0.8)
-        ax.set_title(f"{defect}:{middle:g}")
+        ax.set_title(f"{defect}:{middle:g} (middle strength)", fontsize=10)
         ax.set_xlabel("horizon (fraction of training)")
-        ax.set_ylim(0, 1.05)
-    axes[0].set_ylabel("AUROC vs measured labels")
-    axes[-1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+        ax.set_ylim(-0.02, 1.05)
+        ax.set_xticks(range(len(HORIZONS)), [f"{h:g}" for h in HORIZONS])
+    axes[0].set_ylabel("AUROC against measured labels")
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncol=len(names), fontsize=8)
     fig.savefig(out / "auroc.png")
 
 

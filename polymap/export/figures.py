@@ -200,7 +200,7 @@ def risk_figure(inputs: ExportInputs, paths: list[Path]) -> list[Path]:
     bar_colors = ["crimson" if f else "0.6" for f in scores["flagged"].astype(bool)]
     if "p_value" in scores.columns:  # RiskScorer: evidence as -log10 p, flag line at 0.05
         values = -np.log10(np.clip(scores["p_value"].to_numpy(float), 1e-12, 1.0))
-        cap = max(4.0, float(np.nanmax(values)) if len(values) else 4.0)
+        cap = max(2.0, 1.05 * float(np.nanmax(values)) if len(values) else 2.0)
         line, xlabel = -math.log10(0.05), "evidence: -log10 p-value (dotted: p = 0.05)"
     else:  # a SCORES.csv from the first scorer
         values, cap, line, xlabel = scores["risk"].to_numpy(float), 1.0, 0.5, "risk"

@@ -51,7 +51,7 @@ def label_runs(
     >>> t = pd.DataFrame({"run": ["a"] * 3 + ["b"] * 3 + ["c"] * 3,
     ...                   "step": [1, 2, 3] * 3,
     ...                   "acc": [.5, .6, .7, .5, .6, .7, .5, .2, .1]})
-    >>> label_runs(t, "acc", spike=None)["unstable"].tolist()
+    >>> label_runs(t, "acc", spike=None, lasting=2)["unstable"].tolist()
     [False, False, True]
     """
     for column in ("run", "step", metric):

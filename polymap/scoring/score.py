@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,7 +77,6 @@ def horizon_step(reference: pd.DataFrame, horizon: float | None, until_step: int
 # Smallest spread used for each signal's robust z (in the signal's units): one checkpoint
 # in twenty off the consensus path, 0.1 nats per checkpoint, half a z of deviation.
 SIGNAL_FLOORS = {"path": 0.05, "likelihood": 0.1, "deviation": 0.5}
-FEATURE_FLOOR = 0.05  # fraction of a feature's inter-quartile range over the reference
 
 
 def _robust(values: np.ndarray, floor: float) -> tuple[float, float]:
@@ -95,45 +93,15 @@ def feature_deviation(
 ) -> tuple[float, pd.DataFrame]:
     """Mean over the target's checkpoints of the top-k robust |z| against ``others``;
     returns it and the per-checkpoint table (step, value, top features)."""
-    target = target.sort_values("step")
-    tx = np.log1p(target["step"].to_numpy(float))
-    values = target[features].to_numpy(float)
-    curves = [
-        (np.log1p(g["step"].to_numpy(float)), g[features].to_numpy(float))
-        for _, g in others.sort_values("step").groupby("run")
-    ]
-    peers = np.full((len(curves), len(tx), len(features)), np.nan)
-    for i, (sx, sv) in enumerate(curves):
-        inside = (tx >= sx[0]) & (tx <= sx[-1])
-        for j in range(len(features)):
-            peers[i, :, j] = np.interp(tx, sx, sv[:, j])
-        peers[i, ~inside, :] = np.nan
-    enough = np.isfinite(peers[:, :, 0]).sum(axis=0) >= 2
-    reference = others[features].to_numpy(float)
-    q75, q25 = np.nanpercentile(reference, [75, 25], axis=0)
-    # a feature constant for most checkpoints (an eval at 0 before it is learned) has no
-    # inter-quartile range: fall back to its standard deviation
-    spread = np.where(q75 > q25, q75 - q25, np.nan_to_num(np.nanstd(reference, axis=0)))
-    floor = np.maximum(FEATURE_FLOOR * spread, 1e-12)
-    # a measured value's own standard error (``<feature>_stderr``, e.g. an eval accuracy
-    # on a few hundred items) floors the spread too: differences within the measurement
-    # noise are not deviations
-    noise = np.zeros_like(values)
-    for j, f in enumerate(features):
-        if f"{f}_stderr" in target.columns:
-            noise[:, j] = np.nan_to_num(target[f"{f}_stderr"].to_numpy(float))
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        median = np.nanmedian(peers, axis=0)
-        mad = 1.4826 * np.nanmedian(np.abs(peers - median), axis=0)
-        z = np.abs((values - median) / np.maximum(np.maximum(mad, floor), noise))
-    z = np.where(np.isfinite(z), z, 0.0)
+    from polymap.scoring.scorer import feature_z  # the same z as RiskScorer's
+
+    steps, z = feature_z(target, others, features)
     rows = []
-    for t in np.flatnonzero(enough):
+    for t in range(len(steps)):
         top = np.argsort(-z[t])[:TOP_K]
         rows.append(
             {
-                "step": int(target["step"].iloc[t]),
+                "step": int(steps[t]),
                 "value": float(z[t, top].mean()),
                 "top": [(features[i], float(z[t, i])) for i in top[:3]],
             }

@@ -323,14 +323,18 @@ def _first_flag_step(sig: dict, null: dict, run: str, alpha: float) -> int | Non
     per = sig.get("_per")
     if per is None or per.empty:
         return None
-    pools = [s["_per"] for r, s in null.items() if r != run and "_per" in s]
+    pools = []  # (steps, running mean of evidence) of every other reference run
+    for r, other in null.items():
+        if r != run and "_per" in other and len(other["_per"]):
+            ev = other["_per"]["evidence"].to_numpy(float)
+            pools.append(
+                (other["_per"]["step"].to_numpy(), np.cumsum(ev) / np.arange(1, len(ev) + 1))
+            )
     running = per["evidence"].expanding().mean().to_numpy()
     for i, step in enumerate(per["step"].to_numpy()):
-        ref = []
-        for other in pools:
-            before = other[other["step"] <= step]["evidence"]
-            if len(before):
-                ref.append(float(before.mean()))
+        ref = [
+            means[j - 1] for steps, means in pools if (j := np.searchsorted(steps, step, "right"))
+        ]
         if len(ref) < 2:
             continue
         ref = np.log(np.maximum(np.asarray(ref), 1e-6))
@@ -489,24 +493,30 @@ class RiskScorer(BaseEstimator):
             out["explanation"] = "no comparable reference checkpoints"
         return out
 
-    def _reference_signals(self, cut: int, strict: bool) -> dict[str, dict]:
+    def _reference_signals(
+        self, cut: int, strict: bool, features: tuple[str, ...] | None = None
+    ) -> dict[str, dict]:
         """Each reference run's signals at ``cut``, leave-one-run-out. ``strict``: every
         run cut at ``cut`` and the leave-one-out models refitted on the cut reference (a
-        backtest); else the stored whole-run models and whole other runs."""
-        key = (cut, strict)
+        backtest); else the stored whole-run models and whole other runs. ``features``:
+        the deviation columns (default all of ``features_``)."""
+        features = list(features or self.features_)
+        key = (cut, strict, tuple(features))
         if key in self._null_cache:
             return self._null_cache[key]
         reference = self.reference_
         if strict:
             reference = reference[reference["step"] <= cut]
-            models = self._fit_loo(reference, cut)
+            fitted = self._null_cache.get(("models", cut))
+            models = fitted if fitted is not None else self._fit_loo(reference, cut)
+            self._null_cache[("models", cut)] = models
         else:
             models = self.loo_models_
         zs = {}
         for run in models:
             others = reference[reference["run"] != run]
             target = reference[(reference["run"] == run) & (reference["step"] <= cut)]
-            zs[run] = feature_z(target, others, self.features_) if len(target) else None
+            zs[run] = feature_z(target, others, features) if len(target) else None
         z_only = {r: v[1] for r, v in zs.items() if v is not None}
         out = {}
         for run, model in models.items():
@@ -515,16 +525,14 @@ class RiskScorer(BaseEstimator):
             others_paths = _safe_predict(model, others[others["step"] <= cut])
             per = None
             if zs[run] is not None:
-                per = self._evidence(*zs[run], feature_noise(z_only, exclude=run))
+                per = self._evidence(*zs[run], feature_noise(z_only, exclude=run), features)
             out[run] = self._signals(model, target, others, others_paths, per)
         self._null_z[key] = z_only
         self._null_cache[key] = out
         return out
 
-    def _evidence(self, steps, z, noise) -> pd.DataFrame:
-        return evidence_from_z(
-            steps, z, self.features_, self.z_clip, self.persistence, self.top_k, noise
-        )
+    def _evidence(self, steps, z, noise, features) -> pd.DataFrame:
+        return evidence_from_z(steps, z, features, self.z_clip, self.persistence, self.top_k, noise)
 
     # -- decisions -----------------------------------------------------------------------
     def _decide(self, run: str, sig: dict, null: dict[str, dict], cut: int, n: int) -> dict:
@@ -627,16 +635,23 @@ class RiskScorer(BaseEstimator):
         for key in ("run", "step"):
             if key not in targets.columns:
                 raise ScoringError(f"the target table has no {key!r} column")
+        features = [f for f in self.features_ if f in targets.columns]
         missing = [f for f in self.features_ if f not in targets.columns]
-        if missing:
+        if not features:
             raise ScoringError(
-                f"targets lack {len(missing)} reference feature(s), e.g. {missing[:5]}"
+                f"targets lack all {len(missing)} reference feature(s), e.g. {missing[:5]}"
             )
+        if missing:  # e.g. weights.*.rel_dist of a live run whose step 0 is not at hand
+            log.warning(
+                "targets lack %d of the reference's features (e.g. %s): the deviation "
+                "uses the other %d, for the reference runs too",
+                len(missing), missing[:3], len(features),
+            )  # fmt: skip
         cut = horizon_step(self.reference_, horizon, until_step)
-        null = self._reference_signals(cut, strict=False)
+        null = self._reference_signals(cut, strict=False, features=tuple(features))
         targets = targets.copy()
         targets["run"] = targets["run"].astype(str)
-        broken = broken_rows(targets, self.features_)
+        broken = broken_rows(targets, features)
         clean = targets.drop(index=broken.index)
         rows = []
         full_paths = None
@@ -659,9 +674,9 @@ class RiskScorer(BaseEstimator):
             target = usable_rows(target) if len(target) else target
             per = None
             if len(target):
-                steps, z = feature_z(target, others, self.features_)
-                noise = feature_noise(self._null_z[(cut, False)], exclude=run)
-                per = self._evidence(steps, z, noise)
+                steps, z = feature_z(target, others, features)
+                noise = feature_noise(self._null_z[(cut, False, tuple(features))], exclude=run)
+                per = self._evidence(steps, z, noise, features)
             sig = self._signals(model, target, others, others_paths, per)
             rows.append(self._decide(run, sig, null, cut, len(target)))
         return _frame(rows)

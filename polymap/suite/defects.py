@@ -164,7 +164,7 @@ DEFECTS: dict[str, Defect] = {
             "fraction of every batch drawn from one 4k-token shard",
             0.0,
             1.0,
-            (0.5, 0.3, 0.25),
+            (0.5, 0.4, 0.3),
             "a data defect: a small shard repeated from step 0 (a broken shuffle/dedup), so"
             " the model memorises it and generalises worse as training goes on",
         ),
