@@ -266,6 +266,8 @@ def _scorer(model_dir: str, features, alpha: float, seed: int, jobs: int = 1):
     from polymap.phases import PhaseModel
     from polymap.scoring import RiskScorer
 
+    if not Path(model_dir).is_dir():
+        raise ValueError(f"--model {model_dir}: no such model directory (polymap fit writes one)")
     try:
         scorer = RiskScorer.load(model_dir)
     except ValueError as err:
@@ -278,7 +280,10 @@ def _scorer(model_dir: str, features, alpha: float, seed: int, jobs: int = 1):
     ):
         return scorer.set_params(alpha=alpha)
     if features is None:
-        raise ValueError(f"{model_dir} has no saved scorer: give FEATURES.parquet too")
+        raise ValueError(
+            f"{model_dir} has no saved scorer (fitted before polymap saved one): give "
+            "FEATURES.parquet to fit one with its map, or refit with `polymap fit`"
+        )
     return RiskScorer(
         phase_model=PhaseModel.load(model_dir), alpha=alpha, random_state=seed, n_jobs=jobs,
         progress=True,

@@ -188,9 +188,27 @@ def test_new_partial_runs_scored_without_refit(table, tmp_path, monkeypatch):
         loaded.score(bad[["run", "step"]], until_step=64)
 
 
-def test_old_model_dir_gets_a_clear_message(table, tmp_path):
+def test_old_model_dir_gets_a_clear_message(table, tmp_path, capsys):
     PhaseModel(n_states=2, restarts=1).fit(table).save(tmp_path / "old")
     with pytest.raises(ScoringError, match="refit with `polymap fit`"):
         RiskScorer.load(tmp_path / "old")
+    live = tmp_path / "live.parquet"
+    table.head(20).to_parquet(live)
+    out = str(tmp_path / "s.csv")
+    assert (
+        main(["score", "--model", str(tmp_path / "old"), "--targets", str(live), "--out", out]) == 2
+    )
+    assert "no saved scorer" in capsys.readouterr().err
+    assert (
+        main(["score", "--model", str(tmp_path / "nope"), "--targets", str(live), "--out", out])
+        == 2
+    )
+    assert "no such model directory" in capsys.readouterr().err
+    # with the reference table, a scorer is fitted with the old directory's map
+    reference = tmp_path / "f.parquet"
+    table.to_parquet(reference)
+    args = ["score", str(reference), "--model", str(tmp_path / "old"), "--horizon", "0.25"]
+    assert main([*args, "--out", out]) == 0
+    assert set(pd.read_csv(out).loc[lambda d: d["flagged"], "run"]) == {"run3", "run7"}
     with pytest.raises(ScoringError, match="alpha"):
         RiskScorer(alpha=1.5).fit(table)
