@@ -28,8 +28,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import polymap  # noqa: E402
-from polymap.scoring import RiskScorer, backtest, label_runs  # noqa: E402
-from polymap.suite import run_logs  # noqa: E402
+from polymap.scoring import RiskScorer, backtest  # noqa: E402
+from polymap.suite import instability_labels, run_logs  # noqa: E402
 
 NEW_SETS = "shape,embedding,activations,gradients"
 PLOTTED = (
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     table = polymap.extract(args.suite, out=args.out / "features.parquet",
                             features=f"hu2023,{NEW_SETS}")  # fmt: skip
-    labels = label_runs(run_logs(args.suite, "eval"), "val_loss")
+    labels = instability_labels(run_logs(args.suite, "eval"))  # the suite's rule
     unstable = set(labels.loc[labels["unstable"], "run"])
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), dpi=100, layout="constrained")
