@@ -237,8 +237,7 @@ def metrics(risk: pd.Series, flagged: pd.Series | None, labels: pd.DataFrame) ->
 
 
 def score_case(table, logs, labels, scorer_factory, alpha: float) -> list[dict]:
-    from polymap.phases import PhaseModel
-    from polymap.scoring import horizon_step, score_runs
+    from polymap.scoring import horizon_step
 
     rows = []
     base = scorer_factory().fit(table)
@@ -262,13 +261,9 @@ def score_case(table, logs, labels, scorer_factory, alpha: float) -> list[dict]:
             "likelihood": (scores["likelihood"], None),
             "deviation": (scores["deviation"], None),
         }
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                v1 = score_runs(table, k, horizon=h).set_index("run")
-                methods["polymap_v1"] = (v1["risk"], v1["flagged"])
-            except Exception as err:  # noqa: BLE001 - the old scorer may fail at 5%
-                print(f"      polymap_v1 failed at h={h}: {err}")
+        v1 = score_runs_safe(table, k, h)
+        if v1 is not None:
+            methods["polymap_v1"] = (v1["risk"], v1["flagged"])
         methods["val_loss"] = (baseline_val_loss(logs, cut), None)
         methods["best_feature"] = (baseline_best_feature(table, features, cut), None)
         methods["iforest"] = (baseline_outlier(table, features, cut, "iforest"), None)
@@ -280,7 +275,6 @@ def score_case(table, logs, labels, scorer_factory, alpha: float) -> list[dict]:
                 row["median_lead_steps"] = float(np.median(lead)) if lead else math.nan
                 row["seconds"] = seconds
             rows.append(row)
-        _ = PhaseModel  # imported for the factory's users
     return rows
 
 
@@ -396,7 +390,8 @@ def score_runs_safe(table, k, h):
         warnings.simplefilter("ignore")
         try:
             return score_runs(table, k, horizon=h).set_index("run")
-        except Exception:  # noqa: BLE001
+        except Exception as err:  # noqa: BLE001 - the old scorer may fail at 5%
+            print(f"      polymap_v1 failed at h={h}: {err}")
             return None
 
 

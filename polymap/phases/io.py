@@ -118,17 +118,20 @@ def save_model(model, directory: Path) -> Path:
     np.savez(tmp, **arrays)
     os.replace(tmp, directory / ARRAYS)
     json_tmp = directory / f".{MODEL_JSON}.tmp"
-    json_tmp.write_text(json.dumps(meta, indent=1, default=_jsonable))
+    json_tmp.write_text(json.dumps(meta, indent=1, default=jsonable))
     os.replace(json_tmp, directory / MODEL_JSON)
     model.selection_.to_csv(directory / "selection.csv", index=False)
     return directory
 
 
-def _jsonable(value):
+def jsonable(value):
+    """``json.dumps`` default for numpy scalars and tuples."""
     if isinstance(value, (np.integer,)):
         return int(value)
     if isinstance(value, (np.floating,)):
         return float(value)
+    if isinstance(value, tuple):
+        return list(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 

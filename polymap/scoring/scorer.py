@@ -70,6 +70,7 @@ import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, clone
 
+from polymap.phases.io import jsonable
 from polymap.phases.model import PhaseModel
 from polymap.phases.preprocess import PhaseInputError, usable_rows
 from polymap.scoring.score import ScoringError, horizon_step, path_disagreement
@@ -463,9 +464,11 @@ class RiskScorer(BaseEstimator):
         if not hasattr(self, "reference_"):
             raise RuntimeError("this RiskScorer is not fitted yet; call fit() or load()")
 
-    def _signals(self, model, target, others, others_paths, per=None) -> dict:
-        """The three signals of one (clean, cut) target run against ``others``: each a
-        per-checkpoint series, made persistent (:func:`persistent`) and averaged."""
+    def _signals(self, model, target, others_paths, per: pd.DataFrame | None) -> dict:
+        """The three signals of one (clean, cut) target run: path and likelihood under
+        ``model`` against the other runs' paths, and the deviation from its
+        per-checkpoint evidence ``per`` (:meth:`_evidence`); each a per-checkpoint series,
+        made persistent (:func:`persistent`) and aggregated by :func:`lasting_mean`."""
         out = {s: math.nan for s in SIGNALS}
         out.update(first_flag_step=None, explanation="no checkpoint before the horizon")
         if target.empty:
@@ -479,11 +482,7 @@ class RiskScorer(BaseEstimator):
                 out["path"] = lasting_mean(persistent(per_path, self.persistence)) + timing
         except PhaseInputError as err:
             out["explanation"] = f"phase model: {err}"
-        if per is None:
-            per = deviation_evidence(
-                target, others, self.features_, self.z_clip, self.persistence, self.top_k
-            )
-        if len(per):
+        if per is not None and len(per):
             worst = per.loc[per["evidence"].idxmax()]
             out["deviation"] = lasting_mean(per["evidence"].to_numpy())
             top = ", ".join(f"{f} z={z:.1f}" for f, z in worst["top"])
@@ -526,7 +525,7 @@ class RiskScorer(BaseEstimator):
             per = None
             if zs[run] is not None:
                 per = self._evidence(*zs[run], feature_noise(z_only, exclude=run), features)
-            out[run] = self._signals(model, target, others, others_paths, per)
+            out[run] = self._signals(model, target, others_paths, per)
         self._null_z[key] = z_only
         self._null_cache[key] = out
         return out
@@ -677,7 +676,7 @@ class RiskScorer(BaseEstimator):
                 steps, z = feature_z(target, others, features)
                 noise = feature_noise(self._null_z[(cut, False, tuple(features))], exclude=run)
                 per = self._evidence(steps, z, noise, features)
-            sig = self._signals(model, target, others, others_paths, per)
+            sig = self._signals(model, target, others_paths, per)
             rows.append(self._decide(run, sig, null, cut, len(target)))
         return _frame(rows)
 
@@ -717,7 +716,7 @@ class RiskScorer(BaseEstimator):
         self.broken_.to_csv(broken_tmp, index=False)
         os.replace(broken_tmp, directory / "scorer_broken.csv")
         json_tmp = directory / f".{SCORER_JSON}.tmp"
-        json_tmp.write_text(json.dumps(meta, indent=1, default=_jsonable))
+        json_tmp.write_text(json.dumps(meta, indent=1, default=jsonable))
         os.replace(json_tmp, directory / SCORER_JSON)
         return directory
 
@@ -809,16 +808,6 @@ def _frame(rows: list[dict]) -> pd.DataFrame:
     return out.sort_values(["risk", "run"], ascending=[False, True], kind="stable").reset_index(
         drop=True
     )
-
-
-def _jsonable(value):
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.floating):
-        return float(value)
-    if isinstance(value, tuple):
-        return list(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 __all__ = ["RiskScorer", "broken_rows", "deviation_evidence", "scoring_features"]
