@@ -319,6 +319,10 @@ def main(argv=None) -> int:
     parser.add_argument("--planted", type=int, default=3, help="planted seeds per case")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--alpha", type=float, default=0.05)
+    parser.add_argument(
+        "--feature-floor", type=float, default=0.05,
+        help="RiskScorer(feature_floor=...); e.g. 0.01 with --out benchmarks/out/scorer-floor",
+    )  # fmt: skip
     parser.add_argument("--stage", default="all", choices=["build", "all"])
     parser.add_argument("--cases", default=None, help="comma list of DEFECT-STRENGTH to score")
     parser.add_argument("--out", default=str(HERE / "out" / "scorer"))
@@ -336,7 +340,9 @@ def main(argv=None) -> int:
     from polymap.scoring import RiskScorer
 
     def factory():
-        return RiskScorer(alpha=args.alpha, n_jobs=args.jobs, random_state=0)
+        return RiskScorer(
+            alpha=args.alpha, feature_floor=args.feature_floor, n_jobs=args.jobs, random_state=0
+        )
 
     rows = []
     chosen = set(args.cases.split(",")) if args.cases else None

@@ -178,6 +178,14 @@ def test_new_partial_runs_scored_without_refit(table, tmp_path, monkeypatch):
     assert scores.loc["bad", "n_checkpoints"] == (STEPS <= 64).sum()
     direct = scorer.score(pd.concat([bad, ok]), until_step=64).set_index("run")
     pd.testing.assert_frame_equal(scores, direct)
+    # the saved reference side (whole-run |z| and paths) is what recomputing gives
+    monkeypatch.undo()
+    for run, (steps, z) in loaded._whole_run_z().items():
+        np.testing.assert_array_equal(loaded.reference_z_[run][0], steps)
+        np.testing.assert_array_equal(loaded.reference_z_[run][1], z)
+    for key, states in loaded._whole_run_paths().items():
+        np.testing.assert_array_equal(loaded.reference_paths_[key], states)
+    monkeypatch.setattr(PhaseModel, "fit", no_fit)
     late = newcomers[(newcomers["run"] == "run2") & (newcomers["step"] > 600)].assign(run="late")
     row = loaded.score(late, until_step=64).iloc[0]
     assert row["risk"] == 0.0 and not row["flagged"] and row["n_checkpoints"] == 0

@@ -148,7 +148,7 @@ def usable_rows(table: pd.DataFrame) -> pd.DataFrame:
     for key in ("run", "step"):
         if key not in table.columns:
             raise PhaseInputError(f"the table has no {key!r} column")
-    dup = table.duplicated(["run", "step"], keep=False)
+    dup = table[["run", "step"]].duplicated(keep=False)  # not .duplicated(subset): O(columns)
     if dup.any():
         pairs = table.loc[dup, ["run", "step"]].drop_duplicates().head(5).values.tolist()
         raise PhaseInputError(f"duplicate (run, step) rows, e.g. {pairs}")

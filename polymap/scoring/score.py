@@ -131,12 +131,19 @@ def path_disagreement(
     n_other = other_paths["run"].nunique()
     visits = other_paths.groupby("state")["run"].nunique()
     rare = {s for s, n in visits.items() if n < 0.5 * n_other}
-    modal = other_paths.groupby("step")["state"].agg(lambda s: s.value_counts().index[0])
-    steps = modal.index.to_numpy()
-    per = []
-    for step, state in zip(target_path["step"], target_path["state"], strict=True):
-        nearest = steps[np.argmin(np.abs(np.log1p(steps) - math.log1p(step)))]
-        per.append(int(state != modal[nearest]) + int(state in rare or state not in visits.index))
+    # the modal state per step (ties: the lowest state), counted with numpy
+    steps, at = np.unique(other_paths["step"].to_numpy(), return_inverse=True)
+    states = other_paths["state"].to_numpy(int)
+    counts = np.zeros((len(steps), states.max() + 1))
+    np.add.at(counts, (at, states), 1)
+    modal = counts.argmax(axis=1)
+    own_steps = np.log1p(target_path["step"].to_numpy(float))
+    nearest = np.abs(np.log1p(steps)[None, :] - own_steps[:, None]).argmin(axis=1)
+    seen = set(visits.index)
+    per = [
+        int(state != modal[i]) + int(state in rare or state not in seen)
+        for state, i in zip(target_path["state"].to_numpy(int), nearest, strict=True)
+    ]
     entries = other_paths.groupby(["run", "state"])["step"].min().groupby("state").median()
     own = target_path.groupby("state")["step"].min()
     span = math.log1p(max(float(target_path["step"].max()), 1.0))

@@ -171,37 +171,82 @@ def _degenerate(reference: pd.DataFrame, features: list[str]) -> list[str]:
     return [f for f in features if distinct[f] < MIN_DISTINCT]
 
 
+def _column_quantiles(values: np.ndarray, qs: tuple[float, ...]) -> list[np.ndarray]:
+    """Per-column quantiles ignoring NaN (linear, as ``np.nanquantile``), vectorised:
+    ``np.nanquantile`` loops over the columns in Python.
+
+    >>> [q.tolist() for q in _column_quantiles(np.array([[1.0, 1.0], [3.0, np.nan]]), (0.5,))]
+    [[2.0, 1.0]]
+    """
+    ordered = np.sort(values, axis=0)  # NaN last
+    count = np.isfinite(ordered).sum(axis=0)
+    cols = np.arange(values.shape[1])
+    out = []
+    for q in qs:
+        pos = q * np.maximum(count - 1, 0)
+        lo = np.floor(pos).astype(int)
+        hi = np.minimum(lo + 1, np.maximum(count - 1, 0))
+        with np.errstate(invalid="ignore"):
+            value = ordered[lo, cols] + (pos - lo) * (ordered[hi, cols] - ordered[lo, cols])
+        out.append(np.where(count > 0, value, np.nan))
+    return out
+
+
+def _interpolate(tx: np.ndarray, run: pd.DataFrame, features: list[str]) -> np.ndarray:
+    """One run's features at ``tx`` (log1p steps), linear in log step (NaN outside the
+    run's steps): one weight computation for all complete columns, ``np.interp`` on the
+    finite values of columns with gaps."""
+    sx = np.log1p(run["step"].to_numpy(float))
+    sv = run[features].to_numpy(float)
+    out = np.full((len(tx), len(features)), np.nan)
+    finite = np.isfinite(sv)
+    complete = finite.all(axis=0)
+    if len(sx) == 1:
+        out[:, complete] = sv[0, complete]
+    elif complete.any():
+        right = np.clip(np.searchsorted(sx, tx, side="right"), 1, len(sx) - 1)
+        left = right - 1
+        width = sx[right] - sx[left]
+        frac = np.clip(
+            np.where(width > 0, (tx - sx[left]) / np.where(width > 0, width, 1), 0), 0, 1
+        )
+        block = sv[:, complete]
+        out[:, complete] = block[left] + frac[:, None] * (block[right] - block[left])
+    for j in np.flatnonzero(~complete & (finite.sum(axis=0) >= 1)):
+        ok = finite[:, j]
+        out[:, j] = np.interp(tx, sx[ok], sv[ok, j])
+    out[(tx < sx[0]) | (tx > sx[-1]), :] = np.nan
+    return out
+
+
 def feature_z(
-    target: pd.DataFrame, others: pd.DataFrame, features: list[str]
+    target: pd.DataFrame,
+    others: pd.DataFrame,
+    features: list[str],
+    floor: float = FEATURE_FLOOR,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Robust |z| of every feature of ``target`` against ``others`` at the same step.
 
     Returns ``(steps, z)`` for the target's checkpoints that have at least two
     comparable other runs (``z`` has shape checkpoints x features; non-finite -> 0).
     Peers' curves are interpolated in log(1 + step); the spread is 1.4826 MAD, floored
-    at ``FEATURE_FLOOR`` x the feature's inter-quartile range over ``others`` (its
-    standard deviation when that range is 0) and at the value's own ``<feature>_stderr``.
+    at ``floor`` (default ``FEATURE_FLOOR``) x the feature's inter-quartile range over
+    ``others`` (its standard deviation when that range is 0) and at the value's own
+    ``<feature>_stderr``.
     """
     target = target.sort_values("step")
     tx = np.log1p(target["step"].to_numpy(float))
     values = target[features].to_numpy(float)
     groups = [g for _, g in others.sort_values("step").groupby("run")]
-    peers = np.full((len(groups), len(tx), len(features)), np.nan)
-    for i, g in enumerate(groups):
-        sx = np.log1p(g["step"].to_numpy(float))
-        sv = g[features].to_numpy(float)
-        inside = (tx >= sx[0]) & (tx <= sx[-1])
-        for j in range(len(features)):
-            ok = np.isfinite(sv[:, j])
-            if ok.sum() >= 1:
-                peers[i, :, j] = np.interp(tx, sx[ok], sv[ok, j])
-        peers[i, ~inside, :] = np.nan
+    peers = np.stack([_interpolate(tx, g, features) for g in groups]) if groups else None
+    if peers is None:
+        peers = np.full((0, len(tx), len(features)), np.nan)
     reference = others[features].to_numpy(float)
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        q75, q25 = np.nanpercentile(reference, [75, 25], axis=0)
+        q75, q25 = _column_quantiles(reference, (0.75, 0.25))
         spread = np.where(q75 > q25, q75 - q25, np.nan_to_num(np.nanstd(reference, axis=0)))
-        floor = np.maximum(FEATURE_FLOOR * spread, 1e-12)
+        floor = np.maximum(floor * spread, 1e-12)
         noise = np.zeros_like(values)
         for j, f in enumerate(features):
             if f"{f}_stderr" in target.columns:
@@ -361,6 +406,12 @@ class RiskScorer(BaseEstimator):
     z_clip, persistence, top_k
         Bounded influence of a feature, checkpoints a deviation must last, features
         averaged per checkpoint.
+    feature_floor : float
+        A feature's spread is floored at this fraction of its inter-quartile range over
+        the reference (default 0.05). Lower is more sensitive to small level shifts of
+        smooth features (a loss, a norm) and raises false alarms: measured in the README
+        ("The floor"), 0.01 finds all ``data_repeat:0.4`` runs at 25% but flags 6 of 96
+        healthy-suite scorings instead of 5.
     n_jobs : int
         joblib workers for the leave-one-run-out fits.
     random_state : int
@@ -375,6 +426,10 @@ class RiskScorer(BaseEstimator):
     reference_ : pandas.DataFrame (usable reference rows)
     broken_ : pandas.DataFrame (``run, step, why`` of broken reference checkpoints)
     loo_models_ : dict run -> PhaseModel fitted without that run (whole runs)
+    reference_z_ : dict run -> (steps, |z|) of each reference run's features against the
+        other whole runs (saved; the reference side of scoring new runs)
+    reference_paths_ : dict (run left out, or None for the whole map) -> each reference
+        row's Viterbi state on whole runs (-1: none); saved
     """
 
     def __init__(
@@ -386,6 +441,7 @@ class RiskScorer(BaseEstimator):
         z_clip: float = 8.0,
         persistence: int = 3,
         top_k: int = 5,
+        feature_floor: float = FEATURE_FLOOR,
         n_jobs: int = 1,
         random_state: int = 0,
         progress: bool = False,
@@ -396,6 +452,7 @@ class RiskScorer(BaseEstimator):
         self.z_clip = z_clip
         self.persistence = persistence
         self.top_k = top_k
+        self.feature_floor = feature_floor
         self.n_jobs = n_jobs
         self.random_state = random_state
         self.progress = progress
@@ -406,6 +463,8 @@ class RiskScorer(BaseEstimator):
             raise ScoringError(f"alpha={self.alpha} must be in (0, 1)")
         if self.z_clip <= 0 or self.persistence < 1 or self.top_k < 1:
             raise ScoringError("z_clip must be > 0, persistence and top_k >= 1")
+        if not 0 <= self.feature_floor < 1:
+            raise ScoringError(f"feature_floor={self.feature_floor} must be in [0, 1)")
 
     def fit(self, reference: pd.DataFrame | str | Path) -> RiskScorer:
         """Fit on a reference FeatureTable (DataFrame or Parquet path); returns self."""
@@ -437,9 +496,45 @@ class RiskScorer(BaseEstimator):
             log.info("deviation leaves out %d discrete feature(s)", len(degenerate))
         self.reference_ = clean
         self.loo_models_ = self._fit_loo(clean, None)
+        self.reference_z_ = self._whole_run_z()
+        self.reference_paths_ = self._whole_run_paths()
         self._null_cache: dict = {}
         self._null_z: dict = {}
         return self
+
+    def _whole_run_paths(self) -> dict[str | None, np.ndarray]:
+        """The Viterbi state of every reference row under each leave-one-run-out model
+        (key: the run left out; -1 on its own rows) and under the whole map (key None),
+        decoded on whole runs: the other runs' paths a scored run is compared with,
+        cut at the horizon by keeping the rows up to it. Saved with the scorer."""
+        reference = self.reference_
+        keys = list(self.loo_models_) + [None]
+        out = {}
+        for key in keys:
+            model = self.phase_model_ if key is None else self.loo_models_[key]
+            part = reference if key is None else reference[reference["run"] != key]
+            out[key] = _states_by_row(reference, _safe_predict(model, part))
+        return out
+
+    def _other_paths(self, key: str | None, cut: int) -> pd.DataFrame:
+        states = self.reference_paths_[key]
+        keep = (states >= 0) & (self.reference_["step"].to_numpy() <= cut)
+        rows = self.reference_.loc[keep, ["run", "step"]].reset_index(drop=True)
+        return rows.assign(state=states[keep].astype(int))
+
+    def _whole_run_z(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Each reference run's feature |z| against the other *whole* runs, at all its
+        checkpoints: what scoring new runs compares with. It does not depend on the
+        horizon (a cut keeps the rows up to it) and each column is computed on its own
+        (a subset of columns is a slice), so it is computed once and saved."""
+        reference = self.reference_
+        out = {}
+        for run in self.loo_models_:
+            target = reference[reference["run"] == run]
+            others = reference[reference["run"] != run]
+            steps, z = feature_z(target, others, self.features_, self.feature_floor)
+            out[run] = (np.asarray(steps, dtype=np.int64), z.astype(np.float32))
+        return out
 
     def _template(self) -> PhaseModel:
         return clone(self.phase_model_).set_params(
@@ -512,16 +607,27 @@ class RiskScorer(BaseEstimator):
         else:
             models = self.loo_models_
         zs = {}
+        columns = [self.features_.index(f) for f in features]
         for run in models:
+            if not strict and run in self.reference_z_:  # cut and sliced, not recomputed
+                steps, z = self.reference_z_[run]
+                keep = steps <= cut
+                zs[run] = (steps[keep], z[keep][:, columns].astype(float)) if keep.any() else None
+                continue
             others = reference[reference["run"] != run]
             target = reference[(reference["run"] == run) & (reference["step"] <= cut)]
-            zs[run] = feature_z(target, others, features) if len(target) else None
+            zs[run] = (
+                feature_z(target, others, features, self.feature_floor) if len(target) else None
+            )
         z_only = {r: v[1] for r, v in zs.items() if v is not None}
         out = {}
         for run, model in models.items():
             others = reference[reference["run"] != run]
             target = reference[(reference["run"] == run) & (reference["step"] <= cut)]
-            others_paths = _safe_predict(model, others[others["step"] <= cut])
+            if strict:
+                others_paths = _safe_predict(model, others[others["step"] <= cut])
+            else:  # the whole other runs' paths, cut
+                others_paths = self._other_paths(run, cut)
             per = None
             if zs[run] is not None:
                 per = self._evidence(*zs[run], feature_noise(z_only, exclude=run), features)
@@ -653,7 +759,6 @@ class RiskScorer(BaseEstimator):
         broken = broken_rows(targets, features)
         clean = targets.drop(index=broken.index)
         rows = []
-        full_paths = None
         for run in sorted(targets["run"].unique()):
             own_broken = broken[(broken["run"] == run) & (broken["step"] <= cut)]
             target = clean[(clean["run"] == run) & (clean["step"] <= cut)]
@@ -661,19 +766,14 @@ class RiskScorer(BaseEstimator):
             if len(own_broken):
                 rows.append(self._broken_row(run, own_broken, cut, n))
                 continue
-            if run in self.loo_models_:
-                model = self.loo_models_[run]
-                others = self.reference_[self.reference_["run"] != run]
-                others_paths = _safe_predict(model, others[others["step"] <= cut])
-            else:
-                model, others = self.phase_model_, self.reference_
-                if full_paths is None:
-                    full_paths = _safe_predict(model, others[others["step"] <= cut])
-                others_paths = full_paths
+            key = run if run in self.loo_models_ else None
+            model = self.phase_model_ if key is None else self.loo_models_[run]
+            others = self.reference_[self.reference_["run"] != run]
+            others_paths = self._other_paths(key, cut)
             target = usable_rows(target) if len(target) else target
             per = None
             if len(target):
-                steps, z = feature_z(target, others, features)
+                steps, z = feature_z(target, others, features, self.feature_floor)
                 noise = feature_noise(self._null_z[(cut, False, tuple(features))], exclude=run)
                 per = self._evidence(steps, z, noise, features)
             sig = self._signals(model, target, others_paths, per)
@@ -698,6 +798,10 @@ class RiskScorer(BaseEstimator):
             for name, value in model_arrays(model).items():
                 arrays[f"m{i}.{name}"] = value
             loo[run] = {"index": i, **model_meta(model)}
+            if run in self.reference_z_:
+                arrays[f"z{i}.steps"], arrays[f"z{i}.z"] = self.reference_z_[run]
+            arrays[f"p{i}.state"] = self.reference_paths_[run]
+        arrays["pfull.state"] = self.reference_paths_[None]
         meta = {
             "format": SCORER_FORMAT,
             "format_version": SCORER_VERSION,
@@ -749,10 +853,22 @@ class RiskScorer(BaseEstimator):
         with np.load(directory / "scorer.npz", allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
         scorer.loo_models_ = {}
+        z_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        path_cache: dict[str | None, np.ndarray] = {}
+        if "pfull.state" in arrays:
+            path_cache[None] = arrays["pfull.state"]
         for run, spec in meta["loo_models"].items():
             prefix = f"m{spec['index']}."
             own = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
             scorer.loo_models_[run] = model_from_arrays(PhaseModel, spec, own)
+            z_key = f"z{spec['index']}."
+            if f"{z_key}z" in arrays:
+                z = arrays[f"{z_key}z"]
+                if z.ndim != 2 or z.shape[1] != len(meta["features"]):
+                    raise ScoringError(f"{directory / 'scorer.npz'}: {z_key}z has shape {z.shape}")
+                z_cache[run] = (arrays[f"{z_key}steps"], z)
+            if f"p{spec['index']}.state" in arrays:
+                path_cache[run] = arrays[f"p{spec['index']}.state"]
         scorer.phase_model_ = phase_model
         scorer.features_ = meta["features"]
         scorer.degenerate_features_ = meta["degenerate_features"]
@@ -763,6 +879,16 @@ class RiskScorer(BaseEstimator):
         scorer.broken_["run"] = scorer.broken_["run"].astype(str)
         scorer._null_cache = {}
         scorer._null_z = {}
+        # saved by this version; an older save is computed now (same values)
+        scorer.reference_z_ = z_cache if len(z_cache) == len(scorer.loo_models_) else {}
+        if not scorer.reference_z_:
+            scorer.reference_z_ = scorer._whole_run_z()
+        rows = len(scorer.reference_)
+        complete = len(path_cache) == len(scorer.loo_models_) + 1
+        if complete and all(v.shape == (rows,) for v in path_cache.values()):
+            scorer.reference_paths_ = path_cache
+        else:
+            scorer.reference_paths_ = scorer._whole_run_paths()
         return scorer
 
 
@@ -776,6 +902,13 @@ def _fit_without(template: PhaseModel, reference: pd.DataFrame, run: str) -> Pha
             if states == 1:
                 raise
     raise AssertionError("unreachable")
+
+
+def _states_by_row(reference: pd.DataFrame, paths: pd.DataFrame) -> np.ndarray:
+    """``paths``' states aligned with ``reference``'s rows (-1 where a row has none)."""
+    index = pd.MultiIndex.from_frame(reference[["run", "step"]])
+    states = paths.set_index(["run", "step"])["state"]
+    return states.reindex(index).fillna(-1).to_numpy(np.int16)
 
 
 def _safe_predict(model: PhaseModel, table: pd.DataFrame) -> pd.DataFrame:
