@@ -303,6 +303,19 @@ def _score(args: argparse.Namespace) -> int:
         from polymap.table import read_table
 
         reference = read_table(args.features_table) if args.features_table else None
+        group_by = args.group_by or _grouped(args.model)
+        if group_by:
+            if args.targets:
+                raise ValueError("--targets with --group-by: score each group's targets "
+                                 "with --model MODEL_DIR/<value>")  # fmt: skip
+            from polymap.scoring.backtest import score_groups
+
+            scorers = _group_scorers(args.model, reference, group_by, args.alpha, args.seed)
+            scores = score_groups(
+                scorers, group_by, horizon=args.horizon, until_step=args.until_step
+            )
+            _write_scores(scores, args.out)
+            return EXIT_OK
         scorer = _scorer(args.model, reference, args.alpha, args.seed)
         if args.targets:
             scores = scorer.score(
@@ -310,12 +323,50 @@ def _score(args: argparse.Namespace) -> int:
             )
         else:
             scores = scorer.score_reference(horizon=args.horizon, until_step=args.until_step)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    scores.to_csv(args.out, index=False)
-    shown = [c for c in ("run", "risk", "flagged", "p_value", "first_flag_step") if c in scores]
-    print(scores[shown].to_string(index=False))
-    print(f"wrote {args.out}")
+    _write_scores(scores, args.out)
     return EXIT_OK
+
+
+def _write_scores(scores, out: str) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    scores.to_csv(out, index=False)
+    columns = ("run", "risk", "flagged", "p_value", "first_flag_step")
+    shown = [c for c in columns if c in scores]
+    print(scores[shown].to_string(index=False))
+    print(f"wrote {out}")
+
+
+def _grouped(model_dir: str | None) -> str | None:
+    """The ``group_by`` column of a grouped MODEL_DIR (``fit --group-by``), else None."""
+    import json
+
+    spec = Path(model_dir) / "groups.json" if model_dir else None
+    if spec is None or not spec.exists():
+        return None
+    return json.loads(spec.read_text())["group_by"]
+
+
+def _group_scorers(model_dir: str, features, group_by: str, alpha: float, seed: int):
+    """One scorer per group: a grouped MODEL_DIR's saved ones (refitted on the group's
+    runs of ``features`` when they differ), or, for a plain MODEL_DIR, one fitted per
+    group with its map's configuration."""
+    from polymap.phases import PhaseModel
+    from polymap.scoring.backtest import group_scorers
+
+    if features is None:
+        raise ValueError("--group-by needs FEATURES.parquet (the runs to group)")
+    if group_by not in features.columns:
+        raise ValueError(f"--group-by {group_by!r}: no such column in the features table")
+    given = {}
+    if _grouped(model_dir):
+        for value, part in features.groupby(group_by, sort=True):
+            if (Path(model_dir) / str(value)).is_dir():
+                given[str(value)] = _scorer(str(Path(model_dir) / str(value)), part, alpha, seed)
+        return group_scorers(features, group_by, given, alpha=alpha, random_state=seed)
+    template = PhaseModel(**PhaseModel.load(model_dir).get_params())
+    return group_scorers(
+        features, group_by, None, phase_model=template, alpha=alpha, random_state=seed
+    )
 
 
 def _label(args: argparse.Namespace) -> int:
@@ -323,6 +374,14 @@ def _label(args: argparse.Namespace) -> int:
 
     table = _read_any_table(args.table, args.metric)
     direction = {"auto": None, "higher": True, "lower": False}[args.better]
+    spike = {"auto": "auto", "off": None}.get(args.spike)
+    if spike is None and args.spike != "off":
+        try:
+            spike = float(args.spike)
+        except ValueError:
+            raise ValueError(
+                f"--spike {args.spike!r}: expected a number, 'off' or 'auto'"
+            ) from None
     labels = label_runs(
         table,
         args.metric,
@@ -330,6 +389,8 @@ def _label(args: argparse.Namespace) -> int:
         higher_is_better=direction,
         min_gap=args.min_gap,
         lasting=args.lasting,
+        spike=spike,
+        group_by=args.group_by,
     )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     labels.to_csv(args.out, index=False)
@@ -349,7 +410,19 @@ def _backtest(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--horizons {args.horizons!r}: expected fractions like 0.1,0.25"
         ) from None
-    if args.model:
+    group_by = args.group_by or (_grouped(args.model) if args.model else None)
+    if group_by and args.model:
+        scorers = _group_scorers(args.model, features, group_by, args.alpha, args.seed)
+        table = backtest(
+            features, args.labels, horizons, args.out, scorer=scorers, group_by=group_by,
+            progress=True,
+        )  # fmt: skip
+    elif group_by:
+        table = backtest(
+            features, args.labels, horizons, args.out, alpha=args.alpha,
+            random_state=args.seed, n_jobs=-1, progress=True, group_by=group_by,
+        )  # fmt: skip
+    elif args.model:
         scorer = _scorer(args.model, features, args.alpha, args.seed)
         table = backtest(features, args.labels, horizons, args.out, scorer=scorer, progress=True)
     else:
@@ -370,6 +443,12 @@ def _positive_int(text: str, flag: str) -> int:
     if value < 1:
         raise ValueError(f"{flag} {value}: must be at least 1")
     return value
+
+
+GROUP_HELP = (
+    "compare runs only within each value of this column (e.g. model: a 70M run against "
+    "70M runs); a grouped MODEL_DIR (fit --group-by) implies it"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -476,6 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until-step", type=int, default=None, help="last step that may be used")
     p.add_argument("--paths", help="score external state paths (run,step,state CSV)")
     p.add_argument("--alpha", type=float, default=0.05, help="false-alarm rate of flagged")
+    p.add_argument("--group-by", default=None, help=GROUP_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="SCORES.csv")
     p.set_defaults(func=_score)
@@ -485,8 +565,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", required=True, help="column, e.g. val_loss or eval.lambada.acc")
     p.add_argument("--after-step", type=int, default=None)
     p.add_argument("--better", default="auto", choices=["auto", "higher", "lower"])
-    p.add_argument("--min-gap", type=float, default=0.0, help="smallest gap below the band")
+    p.add_argument(
+        "--min-gap", type=float, default=None,
+        help="smallest gap below the band (default: 10%% of the metric's late-training change)",
+    )  # fmt: skip
+    p.add_argument(
+        "--spike", default="auto",
+        help="rise above the run's own best that marks it: a number, 'off', or 'auto' "
+        "(losses only, at the band's gap floor)",
+    )  # fmt: skip
     p.add_argument("--lasting", type=int, default=3, help="consecutive checkpoints off the band")
+    p.add_argument("--group-by", default=None, help=GROUP_HELP)
     p.add_argument("--out", required=True, help="LABELS.csv")
     p.set_defaults(func=_label)
 
@@ -494,6 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("features_table", metavar="FEATURES.parquet")
     p.add_argument("--labels", required=True, help="LABELS.csv")
     p.add_argument("--model", help="MODEL_DIR (its saved scorer; else K is selected)")
+    p.add_argument("--group-by", default=None, help=GROUP_HELP)
     p.add_argument("--horizons", default="0.1,0.25,0.5")
     p.add_argument("--alpha", type=float, default=0.05, help="false-alarm rate of flagged")
     p.add_argument("--seed", type=int, default=0)

@@ -4,6 +4,7 @@ bad input clearly."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,8 +12,10 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 
 from polymap.cli import main
+from polymap.evals.synthetic import eval_trajectories, phased_accuracy
 from polymap.phases import PhaseInputError, PhaseModel, describe, fit_model_dir
 from polymap.phases.model import forward_increments
+from polymap.phases.noise import min_separation, state_separation
 
 
 def planted_table(n_runs=8, n_steps=60, k=3, d=6, seed=0, separation=4.0):
@@ -197,3 +200,75 @@ def test_far_outlier_run_does_not_break_fitting(planted):
     paths = model.predict(pd.concat([table, outlier]))
     assert len(paths) == len(table) + len(outlier)
     assert np.isfinite(model.score(outlier))
+
+
+# -- eval trajectories: states within the measurement noise --------------------------------
+PYTHIA = Path("../shared/data/pythia-evals/pythia-v1")
+CORE = ("arc_easy", "arc_challenge", "lambada_openai", "logiqa", "piqa", "sciq", "winogrande",
+        "wsc")  # fmt: skip
+
+
+def _first_leave(paths: pd.DataFrame) -> dict[str, tuple[int, int | None]]:
+    out = {}
+    for run, g in paths.sort_values("step").groupby("run"):
+        first = int(g["state"].iloc[0])
+        left = g.loc[g["state"] != first, "step"]
+        out[run] = (first, int(left.iloc[0]) if len(left) else None)
+    return out
+
+
+def test_states_within_the_measurement_noise_are_one_state():
+    # every task shifted by 1.5 binomial SEs at steps 64-512: the same (chance) phase
+    table = eval_trajectories(
+        accuracy=lambda run, step: phased_accuracy(step, noise_shift=1.5), seed=3
+    )
+    model = PhaseModel(states_range=(1, 2, 3, 4, 5), restarts=2, random_state=0).fit(table)
+    assert model.n_states_likelihood_ > 2  # the likelihood alone splits the noise
+    assert model.n_states_ == 2
+    leave = _first_leave(model.predict(table))
+    assert {first for first, _ in leave.values()} == {0}
+    assert {step for _, step in leave.values()} == {1000}  # where accuracy starts to move
+    # a real state (8 SEs in every task from step 20000) is kept
+    real = eval_trajectories(
+        accuracy=lambda run, step: phased_accuracy(step, noise_shift=1.5, late_shift=8.0), seed=3
+    )
+    assert PhaseModel(states_range=(1, 2, 3, 4, 5), restarts=2).fit(real).n_states_ == 3
+    # without stderr columns the rule does not apply: the weight-feature path is unchanged
+    bare = table.drop(columns=[c for c in table.columns if c.endswith("_stderr")])
+    plain = PhaseModel(states_range=(1, 2, 3, 4, 5), restarts=2, random_state=0).fit(bare)
+    assert plain.n_states_ == plain.n_states_likelihood_
+    assert "noise_separation" not in plain.selection_.columns
+
+
+def test_state_separation_matches_a_direct_computation():
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(40, 3))
+    stderr = np.abs(rng.normal(0.5, 0.1, size=(40, 3)))
+    states = np.repeat([0, 1, 2, 3], 10)
+    sep = state_separation(states, values, stderr)
+    floor = np.median(stderr, axis=0)
+    a, b = values[states == 1], values[states == 3]
+    se = np.sqrt(
+        (np.median(stderr[states == 1], 0) ** 2 + np.median(stderr[states == 3], 0) ** 2) / 2
+    )
+    expected = np.max(np.abs(a.mean(0) - b.mean(0)) / np.maximum(se, floor))
+    assert sep[1, 3] == pytest.approx(expected) and sep[3, 1] == pytest.approx(expected)
+    assert min_separation(states, values, stderr) == pytest.approx(
+        np.min(sep[~np.eye(4, dtype=bool)])
+    )
+
+
+@pytest.mark.skipif(not PYTHIA.is_dir(), reason="../shared/data not present")
+def test_pythia_evals_start_in_one_state_and_leave_where_tasks_move(tmp_path, capsys):
+    from polymap.evals import ingest
+
+    table, _ = ingest(PYTHIA, stderr=True)
+    columns = [f"eval.{t}.acc" for t in CORE]
+    model = fit_model_dir(table, tmp_path / "m", features=columns, random_state=0)[""]
+    leave = _first_leave(model.predict(table))
+    assert len(leave) == 16 and {first for first, _ in leave.values()} == {0}
+    # the core tasks sit at chance until step ~1000 (and move there): not steps 8-128
+    assert min(step for _, step in leave.values()) >= 512
+    assert model.n_states_ < model.n_states_likelihood_
+    text = describe(tmp_path / "m")
+    assert f"by held-out likelihood alone: {model.n_states_likelihood_}" in text

@@ -289,3 +289,116 @@ def test_online_monitor_and_trainer_callback(tmp_path):
             warnings.simplefilter("ignore")
             callback.on_save(args, state, control)
     assert control.should_training_stop and state.log_history[-1]["polymap_risk"] >= 0.95
+
+
+# -- labels on eval scores: noise, scale, floor; like with like ------------------------------
+def _collapse_table(seed=0):
+    from polymap.evals.synthetic import STEPS as EVAL_STEPS
+    from polymap.evals.synthetic import eval_trajectories, phased_accuracy
+
+    steps = tuple(sorted(set(EVAL_STEPS) | {50000, 60000, 70000}))
+
+    def accuracy(run, step):  # a 104-item task (WSC-sized): SE ~0.045 at chance
+        if run == "r3" and step >= 50000:
+            return 0.25  # a real collapse back to chance
+        return phased_accuracy(step, n_items=104)
+
+    return eval_trajectories(runs=10, tasks=1, n_items=104, steps=steps, accuracy=accuracy,
+                             seed=seed)  # fmt: skip
+
+
+def test_labels_on_noisy_accuracies_mark_only_the_collapse():
+    for seed in range(5):
+        table = _collapse_table(seed)
+        labels = label_runs(table, "eval.t0.acc").set_index("run")
+        assert labels.index[labels["unstable"]].tolist() == ["r3"], seed
+        assert labels.loc["r3", "onset_step"] == 50000
+    # the old defaults (a 0.05 spike rule on any metric, no noise or floor) mark noise
+    old = label_runs(table.drop(columns=["eval.t0.acc_stderr"]), "eval.t0.acc", spike=0.05,
+                     min_gap=0.0)  # fmt: skip
+    assert old["unstable"].sum() > 1
+
+
+def test_labels_nothing_at_the_floor():
+    # every run at chance the whole time (a task the models never learn): no labels
+    from polymap.evals.synthetic import eval_trajectories
+
+    table = eval_trajectories(runs=10, tasks=1, n_items=104, accuracy=lambda r, s: 0.25, seed=1)
+    assert not label_runs(table, "eval.t0.acc")["unstable"].any()
+
+
+def test_label_group_by_compares_like_with_like(tmp_path, capsys):
+    big = _collapse_table(0).assign(model="big")
+    small = _collapse_table(1).assign(model="small")
+    small = small[small["run"].isin(["r0", "r1", "r2", "r3"])]
+    small["run"] = "s" + small["run"]
+    # a smaller model: it learns less (0.4 where the big one reaches 0.6), not unstable
+    small["eval.t0.acc"] = np.where(small["step"] >= 1000, small["eval.t0.acc"] - 0.2,
+                                    small["eval.t0.acc"])  # fmt: skip
+    table = pd.concat([big, small], ignore_index=True)
+    mixed = label_runs(table, "eval.t0.acc")
+    # against all runs, the smaller model widens the band: the big run's collapse is missed
+    assert "r3" not in set(mixed.loc[mixed["unstable"], "run"])
+    grouped = label_runs(table, "eval.t0.acc", group_by="model")
+    assert sorted(grouped.loc[grouped["unstable"], "run"]) == ["r3", "sr3"]
+    path = tmp_path / "evals.parquet"
+    table.to_parquet(path)
+    out = tmp_path / "labels.csv"
+    assert main(["label", str(path), "--metric", "eval.t0.acc", "--group-by", "model",
+                 "--out", str(out)]) == 0  # fmt: skip
+    written = pd.read_csv(out)
+    assert sorted(written.loc[written["unstable"], "run"]) == ["r3", "sr3"]
+    assert set(written["model"]) == {"big", "small"}
+
+
+def test_backtest_group_by(table, tmp_path):
+    grouped = table.assign(model=np.where(table["run"].isin([f"run{i}" for i in range(5)]),
+                                          "a", "b"))  # fmt: skip
+    labels = label_runs(table, "acc")
+    result = backtest(grouped, labels, horizons=(0.25,), out=tmp_path, group_by="model",
+                      phase_model=PhaseModel(n_states=3, restarts=1))  # fmt: skip
+    assert result["auroc"].item() == 1.0
+    scores = pd.read_csv(tmp_path / "scores_h0.25.csv")
+    assert set(scores["model"]) == {"a", "b"} and len(scores) == 10
+    assert set(scores.loc[scores["flagged"], "run"]) == {"run3", "run7"}
+
+
+PYTHIA = __import__("pathlib").Path("../shared/data/pythia-evals/pythia-v1")
+
+
+@pytest.mark.skipif(not PYTHIA.is_dir(), reason="../shared/data not present")
+def test_pythia_core_task_labels_by_size_mark_no_run():
+    from polymap.evals import ingest
+
+    table, _ = ingest(PYTHIA, stderr=True)
+    table = table.assign(size=table["run"].str.extract(r"pythia-([\d.]+[mb])", expand=False))
+    for task in ("arc_easy", "lambada_openai", "piqa", "sciq", "winogrande", "wsc"):
+        labels = label_runs(table, f"eval.{task}.acc", group_by="size")
+        assert not labels["unstable"].any(), task
+
+
+def test_score_cli_group_by_and_grouped_model_dir(table, tmp_path):
+    grouped = table.assign(model=np.where(table["run"].isin([f"run{i}" for i in range(5)]),
+                                          "a", "b"))  # fmt: skip
+    features = tmp_path / "features.parquet"
+    grouped.to_parquet(features)
+    model = tmp_path / "m"
+    assert main(["fit", str(features), "--out", str(model), "--group-by", "model",
+                 "--states", "3", "--restarts", "1", "-q"]) == 0  # fmt: skip
+    out = tmp_path / "scores.csv"
+    # a grouped MODEL_DIR implies --group-by: each run against its own group's runs
+    assert main(["score", str(features), "--model", str(model), "--horizon", "0.25",
+                 "--out", str(out)]) == 0  # fmt: skip
+    scores = pd.read_csv(out)
+    assert set(scores["model"]) == {"a", "b"} and len(scores) == 10
+    assert set(scores.loc[scores["flagged"], "run"]) == {"run3", "run7"}
+    # the same from a plain map, grouped on the command line
+    plain = tmp_path / "plain"
+    assert main(["fit", str(features), "--out", str(plain), "--states", "3", "--restarts",
+                 "1", "-q"]) == 0  # fmt: skip
+    assert main(["score", str(features), "--model", str(plain), "--group-by", "model",
+                 "--horizon", "0.25", "--out", str(out)]) == 0  # fmt: skip
+    again = pd.read_csv(out)
+    assert set(again.loc[again["flagged"], "run"]) == {"run3", "run7"}
+    assert main(["score", str(features), "--model", str(plain), "--group-by", "nope",
+                 "--out", str(out)]) == 2  # fmt: skip

@@ -375,7 +375,8 @@ def ingest(
     table = normalize(pd.DataFrame(list(rows.values())))
     columns = [c for c in table.columns if not c.startswith(f"{FEATURE_SET}.")]
     table = table[columns + sorted(c for c in table.columns if c not in columns)]
-    return table.sort_values(["run", "step"], ignore_index=True), report
+    # .copy() consolidates the column blocks (else adding a column warns "fragmented")
+    return table.sort_values(["run", "step"], ignore_index=True).copy(), report
 
 
 def _base_row(run: str, step: int, model: str | None) -> dict:

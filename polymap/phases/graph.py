@@ -184,9 +184,17 @@ def describe(directory: str | Path) -> str:
         f"Why K={graph['n_states']}: {graph['reason']}.",
     ]
     sel = model.selection_
+    k_likelihood = getattr(model, "n_states_likelihood_", model.n_states_)
+    noise = "noise_separation" in sel.columns and sel["noise_separation"].notna().any()
+    if noise or k_likelihood != model.n_states_:
+        lines.append(
+            f"K with the measurement-noise rule: {model.n_states_}; by held-out likelihood "
+            f"alone: {k_likelihood}."
+        )
     if not sel.empty:
         lines.append("Model selection (best restart per K):")
-        lines.append("    K   heldout_ll/ckpt   train_ll/ckpt        BIC  converged  degenerate")
+        header = "    K   heldout_ll/ckpt   train_ll/ckpt        BIC  converged  degenerate"
+        lines.append(header + ("   closest pair (SE)" if noise else ""))
         for k, grp in sel.groupby("k"):
             ok = grp[~grp["degenerate"]]
             best = (
@@ -195,10 +203,16 @@ def describe(directory: str | Path) -> str:
                 else (ok.iloc[0] if len(ok) else grp.iloc[0])
             )
             mark = " <- chosen" if grp["chosen"].any() else ""
+            if k == k_likelihood and k != model.n_states_:
+                mark = " <- likelihood's choice"
+            separation = ""
+            if noise:
+                value = grp["noise_separation"].dropna()
+                separation = f"   {value.iloc[0]:>17.1f}" if len(value) else " " * 20
             lines.append(
                 f"  {k:>3}   {best['heldout_ll']:>15.3f}   {best['train_ll']:>13.3f}"
                 f"   {best['bic']:>8.0f}   {int(grp['converged'].sum())}/{len(grp)}"
-                f"        {int(grp['degenerate'].sum())}{mark}"
+                f"        {int(grp['degenerate'].sum())}{separation}{mark}"
             )
     lines.append("States (Viterbi decoding; the HMM is over checkpoint order, not step distance):")
     for s in graph["states"]:

@@ -109,6 +109,7 @@ def save_model(model, directory: Path) -> Path:
         "format_version": FORMAT_VERSION,
         **model_meta(model),
         "reason": model.reason_,
+        "n_states_likelihood": getattr(model, "n_states_likelihood_", model.n_states_),
         "n_degenerate": model.n_degenerate_,
         "n_not_converged": model.n_not_converged_,
         "checkpoint_order": "the HMM is over checkpoint order, not step distance",
@@ -156,6 +157,7 @@ def load_model(cls, directory: Path):
         arrays = {k: npz[k] for k in npz.files}
     model = model_from_arrays(cls, meta, arrays)
     model.reason_ = meta["reason"]
+    model.n_states_likelihood_ = meta.get("n_states_likelihood", model.n_states_)
     model.n_degenerate_ = meta["n_degenerate"]
     model.n_not_converged_ = meta["n_not_converged"]
     selection = directory / "selection.csv"

@@ -68,6 +68,10 @@ class PhaseModel(BaseEstimator):
     log_transform : bool
         Log positive heavy-tailed columns before scaling.
     scale : {"global", "per-run"}
+    noise_merge : bool
+        With ``"auto"`` K and a ``<feature>_stderr`` column for every feature (lm-eval
+        scores): the largest K whose states differ by more than the measurement noise
+        (:mod:`polymap.phases.noise`); ``n_states_likelihood_`` keeps the K before it.
     n_folds, n_iter, tol, n_jobs, random_state
         Cross-validation folds (by run; < 2 = no run-level validation), EM limits,
         joblib workers, seed. A scikit-learn estimator: ``sklearn.base.clone`` works.
@@ -75,6 +79,7 @@ class PhaseModel(BaseEstimator):
     Attributes
     ----------
     n_states_ : int
+    n_states_likelihood_ : int (K chosen by held-out likelihood, before the noise rule)
     hmm_ : hmmlearn.hmm.GaussianHMM (canonical state order)
     preprocessor_ : Preprocessor
     selection_ : pandas.DataFrame
@@ -94,6 +99,7 @@ class PhaseModel(BaseEstimator):
         n_folds: int = 5,
         n_iter: int = 200,
         tol: float = 1e-4,
+        noise_merge: bool = True,
         n_jobs: int = 1,
         random_state: int = 0,
     ):
@@ -107,6 +113,7 @@ class PhaseModel(BaseEstimator):
         self.n_folds = n_folds
         self.n_iter = n_iter
         self.tol = tol
+        self.noise_merge = noise_merge
         self.n_jobs = n_jobs
         self.random_state = random_state
 
@@ -160,6 +167,9 @@ class PhaseModel(BaseEstimator):
             k, reason = ks[0], f"K={ks[0]} was forced (--states {ks[0]})"
         else:
             k, reason = choose_k(rows, best)
+        self.n_states_likelihood_ = k
+        if self.noise_merge and len(ks) > 1:
+            k, reason = _within_noise(best, k, reason, rows, X, lengths, table, pre.features)
         chosen = best[k]
         for row in rows:
             row["chosen"] = row["k"] == k and row["seed"] == chosen.seed
@@ -233,6 +243,40 @@ class PhaseModel(BaseEstimator):
         from polymap.phases.io import load_model
 
         return load_model(cls, Path(directory))
+
+
+def _within_noise(best, k, reason, rows, X, lengths, table, features) -> tuple[int, str]:
+    """The largest K <= ``k`` whose states are pairwise distinguishable beyond the
+    measurement noise (:mod:`polymap.phases.noise`); each K's closest pair is written
+    into ``rows`` (``noise_separation``). Unchanged without stderr columns."""
+    from polymap.phases.noise import critical_separation, min_separation, stderr_matrix
+
+    stderr = stderr_matrix(table, features)
+    if stderr is None:
+        return k, reason
+    values = table[features].to_numpy(float)
+    c = critical_separation(len(features))
+    chosen, closest = None, {}
+    for kk in sorted((kk for kk in best if kk <= k), reverse=True):
+        _, states = best[kk].model.decode(X, lengths)
+        closest[kk] = min_separation(states, values, stderr)
+        if chosen is None and closest[kk] >= c:
+            chosen = kk
+    for row in rows:
+        fit = best.get(row["k"])
+        row["noise_separation"] = closest.get(row["k"]) if fit and row["seed"] == fit.seed else None
+    chosen = chosen if chosen is not None else min(closest)
+    if chosen == k:
+        return k, reason + (
+            f"; its states differ by more than the measurement noise (closest pair "
+            f"{closest[k]:.1f} SE >= {c:.2f})"
+        )
+    return chosen, (
+        f"K={chosen} by the measurement-noise rule: every K from {chosen + 1} to {k} has two "
+        f"states whose means differ by less than {c:.2f} standard errors in every feature "
+        f"(closest pair at K={k}: {closest[k]:.1f} SE; at K={chosen}: {closest[chosen]:.1f} "
+        f"SE). By held-out likelihood alone: {reason}"
+    )
 
 
 def _canonical(model, X: np.ndarray, lengths: list[int]):

@@ -11,6 +11,7 @@ deviation is twice the reference's typical one, else the horizon step). Writes
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -19,6 +20,8 @@ import pandas as pd
 
 from polymap.scoring.score import ScoringError
 from polymap.scoring.scorer import RiskScorer
+
+log = logging.getLogger(__name__)
 
 
 def read_labels(labels: pd.DataFrame | str | Path, runs: list[str]) -> pd.DataFrame:
@@ -42,45 +45,96 @@ def read_labels(labels: pd.DataFrame | str | Path, runs: list[str]) -> pd.DataFr
     return labels
 
 
+def group_scorers(
+    features: pd.DataFrame,
+    group_by: str,
+    scorers: dict[str, RiskScorer] | None = None,
+    **params,
+) -> dict[str, RiskScorer]:
+    """One fitted :class:`RiskScorer` per value of ``group_by`` (like with like: a 70M
+    run against 70M runs): ``scorers[value]`` when given (a grouped MODEL_DIR's), else
+    ``RiskScorer(**params)`` fitted on the group. A group of fewer than 3 runs has no
+    reference: it is skipped with a warning (its runs are not scored)."""
+    if group_by not in features.columns:
+        raise ScoringError(f"--group-by {group_by!r}: no such column in the features table")
+    out = {}
+    for value, part in features.groupby(group_by, sort=True):
+        key = str(value)
+        if scorers is not None and key in scorers:
+            out[key] = scorers[key]
+            continue
+        try:
+            out[key] = RiskScorer(**params).fit(part)
+        except ScoringError as err:
+            log.warning("%s=%s not scored: %s", group_by, key, err)
+    if not out:
+        raise ScoringError(f"no {group_by} group has the 3 runs a reference needs")
+    return out
+
+
+def score_groups(scorers: dict[str, RiskScorer], group_by: str | None, **cut) -> pd.DataFrame:
+    """Every group's reference runs scored leave-one-run-out at the horizon (``cut``:
+    ``horizon=`` or ``until_step=``), one table (a ``group_by`` column when grouped),
+    ordered by risk: calibrated p-values compare across groups."""
+    parts = []
+    for key, scorer in scorers.items():
+        scores = scorer.score_reference(**cut)
+        parts.append(scores.assign(**{group_by: key}) if group_by else scores)
+    scores = pd.concat(parts, ignore_index=True)
+    return scores.sort_values(["risk", "run"], ascending=[False, True], kind="stable").reset_index(
+        drop=True
+    )
+
+
 def backtest(
     features: pd.DataFrame,
     labels: pd.DataFrame | str | Path,
     horizons: tuple[float, ...] = (0.1, 0.25, 0.5),
     out: str | Path | None = None,
-    scorer: RiskScorer | None = None,
+    scorer: RiskScorer | dict[str, RiskScorer] | None = None,
     phase_model=None,
     alpha: float = 0.05,
     random_state: int = 0,
     n_jobs: int = 1,
     progress: bool = False,
+    group_by: str | None = None,
 ) -> pd.DataFrame:
     """One row per horizon: ``horizon, horizon_step, auroc, average_precision,
     n_flagged, true_positives, false_positives, precision, recall, median_lead_steps``.
 
     ``scorer``: a fitted :class:`RiskScorer` whose reference is ``features`` (as
     ``polymap fit`` saves one); else one is fitted with ``phase_model`` (a PhaseModel,
-    fitted or not; default: K selected).
+    fitted or not; default: K selected). ``group_by``: each group of runs is scored
+    against its own runs only (``scorer`` may then be a dict value -> scorer, e.g. from
+    a grouped MODEL_DIR) and the measures are computed over all groups' runs together.
     """
+    from sklearn.base import clone
     from sklearn.metrics import average_precision_score, roc_auc_score
     from tqdm.auto import tqdm
 
     runs = sorted(features["run"].astype(str).unique())
     labels = read_labels(labels, runs)
-    if scorer is None:
-        scorer = RiskScorer(
-            phase_model=phase_model,
-            alpha=alpha,
-            random_state=random_state,
-            n_jobs=n_jobs,
-            progress=progress,
-        ).fit(features)
+    params = dict(alpha=alpha, random_state=random_state, n_jobs=n_jobs, progress=progress)
+    if group_by is not None:
+        given = scorer if isinstance(scorer, dict) else None
+        model = clone(phase_model) if phase_model is not None else None
+        scorers = group_scorers(features, group_by, given, phase_model=model, **params)
+    else:
+        if scorer is None:
+            scorer = RiskScorer(phase_model=phase_model, **params).fit(features)
+        scorers = {"": scorer}
     rows = []
     out = Path(out) if out is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     for h in tqdm(horizons, desc="backtest", unit="horizon", disable=not progress):
-        scores = scorer.score_reference(horizon=h)
+        scores = score_groups(scorers, group_by, horizon=h)
         merged = scores.merge(labels, on="run", how="inner")
+        if merged["unstable"].all() or not merged["unstable"].any():
+            raise ScoringError(
+                f"the scored runs ({len(merged)}) are all labelled the same: nothing to "
+                "measure prediction with"
+            )
         y, risk = merged["unstable"].to_numpy(bool), merged["risk"].to_numpy(float)
         flagged = merged["flagged"].to_numpy(bool)
         leads = []
@@ -93,7 +147,7 @@ def backtest(
         rows.append(
             {
                 "horizon": h,
-                "horizon_step": int(scores["horizon_step"].iloc[0]),
+                "horizon_step": int(scores["horizon_step"].median()),
                 "auroc": float(roc_auc_score(y, risk)),
                 "average_precision": float(average_precision_score(y, risk)),
                 "n_flagged": int(flagged.sum()),

@@ -17,7 +17,10 @@ From a checkpoint's features to a flag, top to bottom:
      runs up to the horizon: a deviation that started late is not averaged away by the
      quiet checkpoints before it, a short event in the middle is). Features whose
      reference spread is degenerate (fewer than ``MIN_DISTINCT`` distinct values: counts
-     such as ``outlier_frac``) are left out and listed in ``degenerate_features_``.
+     such as ``outlier_frac``) are left out and listed in ``degenerate_features_``. An
+     eval score (a feature with a ``_stderr`` column) counts only from the step at which
+     the reference runs leave its floor (``feature_start_``: chance-level accuracies
+     differ by noise and by what a random init happens to guess).
    - ``path`` and ``likelihood``: the run's Viterbi path against the other runs' paths
      and its mean forward log-likelihood per checkpoint, under a clone of the user's
      :class:`~polymap.phases.PhaseModel` (same features, covariance, scaling, log
@@ -130,6 +133,32 @@ def broken_rows(table: pd.DataFrame, features: list[str]) -> pd.DataFrame:
         why[nonfinite] = "non-finite feature values"
     out = table.loc[bad, ["run", "step"]].copy()
     out["why"] = why[bad]
+    return out
+
+
+def floor_ends(reference: pd.DataFrame, features: list[str]) -> dict[str, float]:
+    """For each feature with a ``<feature>_stderr`` column (an eval score): the step at
+    which the reference runs' median leaves its first value by more than the
+    measurement noise (:func:`polymap.scoring.labels.floor_end`; inf if never). Before
+    it, runs at an eval's floor (chance-level accuracy) differ by noise and by what a
+    random init happens to guess - not evidence about training."""
+    from polymap.scoring.labels import floor_end
+
+    out = {}
+    for f in features:
+        column = f"{f}_stderr"
+        if column not in reference.columns:
+            continue
+        by_step = reference.groupby("step")[[f, column]].median().sort_index()
+        by_step = by_step[np.isfinite(by_step[f])]
+        if by_step.empty:
+            continue
+        end = floor_end(
+            by_step.index.to_numpy(float),
+            by_step[f].to_numpy(float),
+            by_step[column].to_numpy(float),
+        )
+        out[f] = math.inf if end is None else end
     return out
 
 
@@ -423,6 +452,8 @@ class RiskScorer(BaseEstimator):
     phase_model_ : PhaseModel fitted on the whole reference
     features_ : list of str (deviation columns actually used)
     degenerate_features_ : list of str
+    feature_start_ : dict feature -> step from which an eval score (a feature with a
+        ``_stderr`` column) counts: where the runs leave its floor (:func:`floor_ends`)
     reference_ : pandas.DataFrame (usable reference rows)
     broken_ : pandas.DataFrame (``run, step, why`` of broken reference checkpoints)
     loo_models_ : dict run -> PhaseModel fitted without that run (whole runs)
@@ -495,6 +526,7 @@ class RiskScorer(BaseEstimator):
         if degenerate:
             log.info("deviation leaves out %d discrete feature(s)", len(degenerate))
         self.reference_ = clean
+        self.feature_start_ = floor_ends(clean, self.features_)
         self.loo_models_ = self._fit_loo(clean, None)
         self.reference_z_ = self._whole_run_z()
         self.reference_paths_ = self._whole_run_paths()
@@ -637,6 +669,12 @@ class RiskScorer(BaseEstimator):
         return out
 
     def _evidence(self, steps, z, noise, features) -> pd.DataFrame:
+        starts = getattr(self, "feature_start_", {})
+        if starts:  # an eval score counts only once the runs have left its floor
+            z = z.copy()
+            for j, f in enumerate(features):
+                if f in starts:
+                    z[np.asarray(steps) < starts[f], j] = 0.0
         return evidence_from_z(steps, z, features, self.z_clip, self.persistence, self.top_k, noise)
 
     # -- decisions -----------------------------------------------------------------------
@@ -808,6 +846,9 @@ class RiskScorer(BaseEstimator):
             "params": params,
             "features": self.features_,
             "degenerate_features": self.degenerate_features_,
+            "feature_start": {  # null: the runs never leave that eval's floor
+                f: (None if math.isinf(v) else v) for f, v in self.feature_start_.items()
+            },
             "loo_models": loo,
         }
         tmp = directory / ".scorer.npz.tmp.npz"
@@ -872,6 +913,10 @@ class RiskScorer(BaseEstimator):
         scorer.phase_model_ = phase_model
         scorer.features_ = meta["features"]
         scorer.degenerate_features_ = meta["degenerate_features"]
+        scorer.feature_start_ = {
+            str(f): (math.inf if v is None else float(v))
+            for f, v in (meta.get("feature_start") or {}).items()
+        }
         scorer.reference_ = pd.read_parquet(directory / "scorer_reference.parquet")
         scorer.broken_ = pd.read_csv(directory / "scorer_broken.csv")
         if scorer.broken_.empty:
