@@ -377,6 +377,17 @@ def test_pythia_core_task_labels_by_size_mark_no_run():
         assert not labels["unstable"].any(), task
 
 
+@pytest.mark.skipif(not PYTHIA.is_dir(), reason="../shared/data not present")
+def test_pythia_label_cli_group_by_model(tmp_path):
+    evals = tmp_path / "evals.parquet"
+    assert main(["evals", "ingest", str(PYTHIA), "--stderr", "--out", str(evals)]) == 0
+    out = tmp_path / "labels.csv"
+    assert main(["label", str(evals), "--metric", "eval.arc_easy.acc", "--group-by", "model",
+                 "--out", str(out)]) == 0  # fmt: skip
+    labels = pd.read_csv(out)
+    assert len(labels) == 16 and not labels["unstable"].any()
+
+
 def test_score_cli_group_by_and_grouped_model_dir(table, tmp_path):
     grouped = table.assign(model=np.where(table["run"].isin([f"run{i}" for i in range(5)]),
                                           "a", "b"))  # fmt: skip
