@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -254,9 +255,14 @@ def _read_any_table(path: str, metric: str = "val_loss"):
     p = Path(path)
     if p.is_dir():
         return run_logs(p, "eval" if metric == "val_loss" else "train")
-    if p.suffix == ".csv":
-        return pd.read_csv(p)
-    return pd.read_parquet(p)  # any table: label metrics need not be feature columns
+    if not p.exists():
+        raise ValueError(f"TABLE {p}: no such file or directory")
+    try:
+        if p.suffix == ".csv":
+            return pd.read_csv(p)
+        return pd.read_parquet(p)  # any table: label metrics need not be feature columns
+    except (ValueError, OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"TABLE {p}: unreadable ({type(err).__name__}: {err})") from err
 
 
 def _scorer(model_dir: str, features, alpha: float, seed: int, jobs: int = 1):
@@ -451,6 +457,31 @@ GROUP_HELP = (
 )
 
 
+def _jobs(text: str) -> int:
+    """``--jobs``: a positive number of workers, or -1 for all cores."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value == 0 or value < -1:
+        raise argparse.ArgumentTypeError(f"{value}: give a positive number, or -1 for all cores")
+    return value if value > 0 else max(1, os.cpu_count() or 1)
+
+
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value}: must be at least {minimum}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="polymap", description="Map training runs and flag the ones that will go wrong."
@@ -469,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", default=None, help="comma list (default hu2023,weights,spectral)")
     p.add_argument("--steps", default=None, help="all | eval | list/ranges like 0,1000-5000")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--jobs", type=int, default=1, help="worker processes (--executor process)")
+    p.add_argument("--jobs", type=_jobs, default=1, help="worker processes (--executor process)")
     p.add_argument(
         "--executor",
         default=None,
@@ -478,10 +509,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--address", default=None, help="Ray cluster: auto, HOST:PORT, ray://HOST:PORT")
     p.add_argument("--gpus-per-task", type=float, default=0, help="GPUs per Ray task")
-    p.add_argument("--retries", type=int, default=2, help="retries of a task whose worker died")
+    p.add_argument(
+        "--retries", type=_at_least(0), default=2, help="retries of a task whose worker died"
+    )
     p.add_argument(
         "--max-on-disk",
-        type=int,
+        type=_at_least(1),
         default=2,
         help="hub checkpoints on disk at once (with --delete-after)",
     )
@@ -490,10 +523,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--probe-text", default=None, help="probe text file (model-level sets)")
     p.add_argument("--probe-tokens", default=None, help="probe token ids (.npy or text ints)")
-    p.add_argument("--probe-sequences", type=int, default=8, help="probe rows")
-    p.add_argument("--probe-length", type=int, default=128, help="tokens per probe row")
+    p.add_argument("--probe-sequences", type=_at_least(1), default=8, help="probe rows")
+    p.add_argument("--probe-length", type=_at_least(1), default=128, help="tokens per probe row")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_extract)
+    p.set_defaults(func=_extract, out_kind="file")
 
     p = sub.add_parser("evals", help="lm-eval results: ingest files, run lm-eval, local tasks")
     evals = p.add_subparsers(dest="evals_command", required=True, metavar="ACTION")
@@ -502,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="EVALS.parquet (a FeatureTable)")
     e.add_argument("--manifest", default=None, help="CSV path,run,step for files without them")
     e.add_argument("--stderr", action="store_true", help="also keep <metric>_stderr columns")
-    e.set_defaults(func=_evals_ingest)
+    e.set_defaults(func=_evals_ingest, out_kind="file")
     e = evals.add_parser("run", help="run lm-eval on every checkpoint, write its results JSON")
     e.add_argument("sources", nargs="+", metavar="SOURCE")
     e.add_argument("--tasks", required=True, help="comma list of lm-eval task names")
@@ -510,38 +543,38 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--include-path", action="append", default=None, help="local task folder")
     e.add_argument("--limit", type=float, default=None, help="examples per task (lm-eval)")
     e.add_argument("--num-fewshot", type=int, default=None)
-    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--batch-size", type=_at_least(1), default=16)
     e.add_argument("--steps", default=None, help="all | eval | list/ranges")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    e.set_defaults(func=_evals_run)
+    e.set_defaults(func=_evals_run, out_kind="dir")
     e = evals.add_parser("task", help="write a local LAMBADA-style lm-eval task from text")
     e.add_argument("--out", required=True, help="folder for <name>.yaml + <name>.jsonl")
     e.add_argument("--corpus", default=None, help="text file (default: the suite corpus)")
     e.add_argument("--name", default="suite_lastword")
-    e.set_defaults(func=_evals_task)
+    e.set_defaults(func=_evals_task, out_kind="dir")
 
     p = sub.add_parser("merge", help="join FeatureTables on (run, step)")
     p.add_argument("tables", nargs="+", metavar="TABLE.parquet")
     p.add_argument("--out", required=True, help="MERGED.parquet")
     p.add_argument("--how", default="outer", choices=["outer", "inner", "left"])
-    p.set_defaults(func=_merge)
+    p.set_defaults(func=_merge, out_kind="file")
 
     p = sub.add_parser("fit", help="fit the HMM training map (latent phases) over all runs")
     p.add_argument("features_table", metavar="FEATURES.parquet")
     p.add_argument("--out", required=True, help="MODEL_DIR")
     p.add_argument("--states", default="auto", help="auto (select K in 1..8) or K")
-    p.add_argument("--restarts", type=int, default=5, help="seeded restarts per K")
+    p.add_argument("--restarts", type=_at_least(1), default=5, help="seeded restarts per K")
     p.add_argument("--features", default=None, help="sets or columns (default hu2023)")
     p.add_argument("--group-by", default=None, help="fit one model per value of this column")
     p.add_argument("--covariance", default="diag", choices=["diag", "full"])
     p.add_argument("--scale", default="global", choices=["global", "per-run"])
     p.add_argument("--log", action="store_true", help="log positive heavy-tailed features")
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--jobs", type=int, default=-1, help="parallel fits (joblib; -1 = all cores)")
+    p.add_argument("--jobs", type=_jobs, default=-1, help="parallel fits (joblib; -1 = all cores)")
     p.add_argument("-q", "--quiet", action="store_true", help="do not print the map")
-    p.set_defaults(func=_fit)
+    p.set_defaults(func=_fit, out_kind="dir")
 
     p = sub.add_parser("describe", help="print a fitted training map")
     p.add_argument("model_dir", metavar="MODEL_DIR")
@@ -552,18 +585,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="MODEL_DIR from polymap fit (its saved scorer)")
     p.add_argument("--targets", help="score these runs (a FeatureTable) instead of the reference")
     p.add_argument("--horizon", type=float, default=None, help="fraction of training, e.g. 0.25")
-    p.add_argument("--until-step", type=int, default=None, help="last step that may be used")
+    p.add_argument(
+        "--until-step", type=_at_least(0), default=None, help="last step that may be used"
+    )
     p.add_argument("--paths", help="score external state paths (run,step,state CSV)")
     p.add_argument("--alpha", type=float, default=0.05, help="false-alarm rate of flagged")
     p.add_argument("--group-by", default=None, help=GROUP_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="SCORES.csv")
-    p.set_defaults(func=_score)
+    p.set_defaults(func=_score, out_kind="file")
 
     p = sub.add_parser("label", help="mark runs that later became unstable")
     p.add_argument("table", metavar="TABLE", help="Parquet/CSV (run, step, metric) or suite dir")
     p.add_argument("--metric", required=True, help="column, e.g. val_loss or eval.lambada.acc")
-    p.add_argument("--after-step", type=int, default=None)
+    p.add_argument("--after-step", type=_at_least(0), default=None)
     p.add_argument("--better", default="auto", choices=["auto", "higher", "lower"])
     p.add_argument(
         "--min-gap", type=float, default=None,
@@ -574,10 +609,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="rise above the run's own best that marks it: a number, 'off', or 'auto' "
         "(losses only, at the band's gap floor)",
     )  # fmt: skip
-    p.add_argument("--lasting", type=int, default=3, help="consecutive checkpoints off the band")
+    p.add_argument(
+        "--lasting", type=_at_least(1), default=3, help="consecutive checkpoints off the band"
+    )
     p.add_argument("--group-by", default=None, help=GROUP_HELP)
     p.add_argument("--out", required=True, help="LABELS.csv")
-    p.set_defaults(func=_label)
+    p.set_defaults(func=_label, out_kind="file")
 
     p = sub.add_parser("backtest", help="AUROC/AP/lead time of early risk against labels")
     p.add_argument("features_table", metavar="FEATURES.parquet")
@@ -588,13 +625,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.05, help="false-alarm rate of flagged")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory")
-    p.set_defaults(func=_backtest)
+    p.set_defaults(func=_backtest, out_kind="dir")
 
     p = sub.add_parser("suite", help="train a miniature Pythia-like multi-seed suite")
     p.add_argument("--out", default=None, help="suite directory")
     p.add_argument("--sizes", default="nano", help="comma list of pico, nano, micro")
     p.add_argument("--seeds", default="0-9", help="seed list/ranges, e.g. 0-9 or 1,3,5")
-    p.add_argument("--steps", type=int, default=400, help="training steps per run")
+    p.add_argument("--steps", type=_at_least(1), default=400, help="training steps per run")
     p.add_argument("--corpus", default=None, help="text file (default: Python's doc topics)")
     p.add_argument("--vary", default="seed", choices=["seed", "data", "init"])
     p.add_argument("--unstable", default="3,4", help="seeds to plant instability in ('' none)")
@@ -604,21 +641,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="NAME[:STRENGTH] planted in --unstable (lr_schedule:4)",
     )
     p.add_argument("--list-defects", action="store_true", help="print the defects and exit")
-    p.add_argument("--jobs", type=int, default=2, help="runs trained in parallel")
+    p.add_argument("--jobs", type=_jobs, default=2, help="runs trained in parallel")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (training uses CPU)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_suite)
+    p.set_defaults(func=_suite, out_kind="dir")
 
     p = sub.add_parser("features", help="list the feature sets and what each feature means")
     p.set_defaults(func=_features)
 
     p = sub.add_parser("demo", help="the whole pipeline on the built-in suite")
     p.add_argument("--out", default="demo-out", help="output directory")
-    p.add_argument("--seeds", type=int, default=10, help="number of seeds in the suite")
-    p.add_argument("--steps", type=int, default=400, help="training steps per run")
-    p.add_argument("--jobs", type=int, default=2, help="runs trained in parallel")
+    p.add_argument("--seeds", type=_at_least(3), default=10, help="number of seeds in the suite")
+    p.add_argument("--steps", type=_at_least(1), default=400, help="training steps per run")
+    p.add_argument("--jobs", type=_jobs, default=2, help="runs trained in parallel")
     p.add_argument("--no-lm-eval", action="store_true", help="skip the lm-eval stage")
-    p.set_defaults(func=_demo)
+    p.set_defaults(func=_demo, out_kind="dir")
 
     p = sub.add_parser("export", help="training-map graphs, figures and an HTML report")
     p.add_argument("model_dir", metavar="MODEL_DIR")
@@ -632,7 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--highlight", default=None, help="run whose path is drawn in red")
     p.add_argument("--step-scale", default="sqrt", choices=["sqrt", "log"])
     p.add_argument("--renderer", default="matplotlib", choices=["matplotlib", "graphviz", "auto"])
-    p.set_defaults(func=_export)
+    p.set_defaults(func=_export, out_kind="dir")
     return parser
 
 
@@ -648,6 +685,7 @@ def main(argv: list[str] | None = None) -> int:
     from polymap.evals.harness import HarnessError
     from polymap.executors import ExecutorError
     from polymap.export import ExportError
+    from polymap.paths import OutputPathError, check_output
     from polymap.phases import PhaseInputError
     from polymap.scoring import ScoringError
     from polymap.suite import SuiteError
@@ -655,7 +693,13 @@ def main(argv: list[str] | None = None) -> int:
     from polymap.table import TableError, TableLockedError
 
     try:
+        out, kind = getattr(args, "out", None), getattr(args, "out_kind", None)
+        if out is not None and kind is not None:
+            check_output(out, kind)  # before any work: not after minutes of computing
         return args.func(args)
+    except OutputPathError as err:
+        print(f"polymap {args.command}: error: --out {err}", file=sys.stderr)
+        return EXIT_FAILED
     except (
         SourceError,
         EvalFileError,
@@ -673,6 +717,9 @@ def main(argv: list[str] | None = None) -> int:
     ) as err:
         print(f"polymap {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as err:  # writing an output failed after all (disk full, removed folder)
+        print(f"polymap {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

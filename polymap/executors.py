@@ -22,6 +22,8 @@ import logging
 import multiprocessing as mp
 import os
 import socket
+import sys
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -78,9 +80,40 @@ class LocalExecutor(Executor):
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
-def _worker_init(threads: int) -> None:
+def die_with_parent(parent: int | None = None) -> None:
+    """Make this worker process end when the process that started it dies, even by
+    SIGKILL (which runs no cleanup): Linux's parent-death signal, and everywhere a
+    watchdog thread that exits once the parent is gone. Without it an orphaned worker
+    (~400 MB with torch loaded) keeps running after the driver was killed."""
+    import threading
+
+    parent = parent or os.getppid()
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            import signal
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # pragma: no cover - no libc prctl
+            pass
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="polymap-parent-watchdog", daemon=True).start()
+
+
+def _worker_init(threads: int, parent: int | None = None) -> None:
     """Limit every thread pool of a worker (torch, and the BLAS under numpy/scipy, which
-    read these variables when they load) so N workers do not oversubscribe the cores."""
+    read these variables when they load) so N workers do not oversubscribe the cores;
+    the worker dies with its driver (:func:`die_with_parent`)."""
+    die_with_parent(parent)
     for variable in THREAD_VARIABLES:
         os.environ[variable] = str(threads)
     torch.set_num_threads(threads)
@@ -111,7 +144,7 @@ class ProcessExecutor(Executor):
             self.jobs,
             mp_context=mp.get_context("spawn"),
             initializer=_worker_init,
-            initargs=(self.threads,),
+            initargs=(self.threads, os.getpid()),
         )
 
     def run(self, fn, tasks):

@@ -117,9 +117,15 @@ def extract_checkpoint(
                 if config is None:
                     warnings.append(f"{directory}: config.json missing; architecture from names")
             arch = detect_architecture(config, reader.names())
+            model_type = (config or {}).get("model_type")
             if not is_known(arch):
-                kind = (config or {}).get("model_type") or "unrecognised names"
+                kind = model_type or "unrecognised names"
                 warnings.append(f"unknown architecture ({kind}); roles by name heuristics")
+            elif model_type and model_type not in arch.model_types:
+                warnings.append(
+                    f"unknown model_type {model_type!r}; roles from its {arch.name}-style "
+                    "tensor names"
+                )
             context = CheckpointContext(
                 ref, config, arch, dev, initial_reader, final_reader, Path(directory),
                 probe or ProbeSpec(),
@@ -134,9 +140,13 @@ def extract_checkpoint(
         log.exception("unexpected error extracting %s", ref)
         row.update(status="failed", error=f"{type(err).__name__}: {err}")
         return row
+    infinite = [k for k, v in row.items() if isinstance(v, float) and math.isinf(v)]
     if nonfinite:
         row["status"] = "nonfinite"
         warnings.insert(0, f"{nonfinite} non-finite (NaN/Inf) weight entries")
+    elif infinite:  # finite weights whose statistics overflow (x1e30): a diverged run too
+        row["status"] = "nonfinite"
+        warnings.insert(0, f"{len(infinite)} feature(s) overflow to infinity, e.g. {infinite[:3]}")
     elif warnings:
         row["status"] = "warning"
     row["error"] = "; ".join(warnings) or None
@@ -165,27 +175,46 @@ def _run_feature_sets(
     for name in sorted(reader.names()):  # one order for every file layout
         role = assign_role(arch, name)
         if role.kind != "buffer":
+            if math.prod(reader.shape(name)) == 0 and len(reader.shape(name)) > 0:
+                raise CheckpointError(
+                    f"{reader.directory}: tensor {name} is empty (shape {reader.shape(name)})"
+                )
             params.append((name, role))
     order = max(s.moment_order for s in instances)
     nonfinite = 0
     for name, role, raw in _floating_tensors(reader, params):
-        param = Param(name, role, raw, dev, context.initial, order, context.final)
-        for instance in instances:
-            instance.add(param)
-        nonfinite += param.nonfinite_count
+        with _naming(reader, name, raw):
+            param = Param(name, role, raw, dev, context.initial, order, context.final)
+            for instance in instances:
+                instance.add(param)
+            nonfinite += param.nonfinite_count
         del param, raw
     again = [(n, r) for n, r in params if any(s.wants_again(n) for s in instances)]
     for name, role, raw in _floating_tensors(reader, again):
-        param = Param(name, role, raw, dev, context.initial, order, context.final)
-        for instance in instances:
-            if instance.wants_again(name):
-                instance.add_again(param)
+        with _naming(reader, name, raw):
+            param = Param(name, role, raw, dev, context.initial, order, context.final)
+            for instance in instances:
+                if instance.wants_again(name):
+                    instance.add_again(param)
     warnings = _run_model_sets([s for s in instances if s.needs_model], context)
     out: dict = {}
     for instance in instances:
         out.update(instance.finish())
         warnings.extend(instance.warnings)
     return out, nonfinite, warnings
+
+
+@contextlib.contextmanager
+def _naming(reader: TensorReader, name: str, raw: torch.Tensor):
+    """A tensor the feature sets cannot handle (empty, a scalar where a matrix is
+    expected, ...) becomes a CheckpointError naming the checkpoint and the tensor."""
+    try:
+        yield
+    except (RuntimeError, ValueError, IndexError, ZeroDivisionError) as err:
+        raise CheckpointError(
+            f"{reader.directory}: tensor {name} of shape {tuple(raw.shape)}: "
+            f"{type(err).__name__}: {err}"
+        ) from err
 
 
 def _run_model_sets(instances: list[FeatureSet], context: CheckpointContext) -> list[str]:

@@ -97,8 +97,36 @@ def write_table(df: pd.DataFrame, path: str | os.PathLike) -> Path:
 
 
 def read_table(path: str | os.PathLike) -> pd.DataFrame:
-    """Read a FeatureTable (including rows still in part files of an interrupted sweep)."""
-    return FeatureStore(path).load()
+    """Read a FeatureTable (including rows still in part files of an interrupted sweep).
+
+    A missing file is a :class:`TableError` (not an empty table); two rows of the file
+    with the same (run, step) and different values are one too, naming them (rows of
+    a resumed sweep's part files replace older ones: that is how a re-extracted
+    checkpoint updates its row)."""
+    store = FeatureStore(path)
+    if not store.path.exists() and not store._part_files():
+        raise TableError(f"{store.path}: no such file")
+    return store.load()
+
+
+def _check_duplicates(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """Identical repeated rows are dropped; conflicting ones are an error."""
+    if not set(KEY_COLUMNS) <= set(frame.columns):
+        return frame
+    keys = frame[list(KEY_COLUMNS)].duplicated(keep=False)
+    if not keys.any():
+        return frame
+    repeated = frame[keys]
+    distinct = repeated.astype(str).drop_duplicates()
+    conflicts = distinct[distinct[list(KEY_COLUMNS)].duplicated(keep=False)]
+    if len(conflicts):
+        pairs = frame.loc[conflicts.index, list(KEY_COLUMNS)].drop_duplicates().head(3)
+        pairs = pairs.values.tolist()
+        raise TableError(
+            f"{path}: {len(conflicts)} rows share a (run, step) with different values, e.g. "
+            f"{pairs}; which one is right cannot be guessed - remove one of each"
+        )
+    return frame.drop_duplicates(list(KEY_COLUMNS), keep="first")
 
 
 def _merge(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
@@ -173,7 +201,9 @@ class FeatureStore:
         frames = []
         if self.path.exists():
             try:
-                frames.append(pd.read_parquet(self.path))
+                frames.append(_check_duplicates(pd.read_parquet(self.path), self.path))
+            except TableError:
+                raise
             except Exception as err:  # pyarrow raises several types
                 raise TableError(f"{self.path}: unreadable Parquet ({err})") from err
         for part in self._part_files():

@@ -23,7 +23,7 @@ from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 from polymap.checkpoints.local import SourceError
 from polymap.checkpoints.pythia import parse_pythia_repo, pythia_steps
 from polymap.checkpoints.reader import BIN_INDEX, SAFETENSORS_INDEX, CheckpointError, _read_index
-from polymap.checkpoints.ref import HUB_SCHEME, CheckpointRef, parse_step
+from polymap.checkpoints.ref import HUB_SCHEME, CheckpointRef, RefError, parse_step
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,13 @@ def _listed_revisions(repo_id: str) -> list[str]:
         raise SourceError(f"hf://{repo_id}: cannot list revisions ({err})") from err
 
 
+def _step_or_none(revision: str) -> int | None:
+    try:
+        return parse_step(revision)
+    except RefError:
+        return None
+
+
 def discover_hub(location: str) -> list[CheckpointRef]:
     """One :class:`CheckpointRef` per step revision of ``hf://ORG/NAME[@REVS]``."""
     repo_id, revisions = parse_location(location)
@@ -85,14 +92,17 @@ def discover_hub(location: str) -> list[CheckpointRef]:
         if info:
             revisions = [f"step{s}" for s in pythia_steps()]
         else:
-            revisions = [r for r in _listed_revisions(repo_id) if parse_step(r) is not None]
+            revisions = [r for r in _listed_revisions(repo_id) if _step_or_none(r) is not None]
             if not revisions:
                 raise SourceError(
                     f"{location}: no step revisions found (name them: hf://{repo_id}@step1000)"
                 )
     refs = []
     for revision in revisions:
-        step = parse_step(revision)
+        try:
+            step = parse_step(revision)
+        except RefError as err:
+            raise SourceError(f"{location}: {err}") from err
         if step is None:
             raise SourceError(f"{location}: revision {revision!r} carries no step")
         refs.append(

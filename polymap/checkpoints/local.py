@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import csv
+import logging
 import re
 from pathlib import Path
 
-from polymap.checkpoints.ref import HUB_SCHEME, CheckpointRef, parse_step
+from polymap.checkpoints.ref import HUB_SCHEME, CheckpointRef, RefError, parse_step
+
+log = logging.getLogger(__name__)
 
 
 class SourceError(ValueError):
@@ -24,7 +27,11 @@ def _seed_from_name(run: str) -> int | None:
 def _step_dirs(directory: Path) -> list[tuple[int, Path]]:
     found = []
     for child in directory.iterdir():
-        step = parse_step(child.name)
+        try:
+            step = parse_step(child.name)
+        except RefError as err:  # e.g. step99999999999999999999: reported, not a crash
+            log.warning("%s: skipped (%s)", child, err)
+            continue
         if step is not None and child.is_dir():
             found.append((step, child))
     return sorted(found)
@@ -91,7 +98,10 @@ def read_manifest(path: str | Path) -> list[CheckpointRef]:
         location = row["path"]
         if not location.startswith(HUB_SCHEME) and not Path(location).is_absolute():
             location = str(path.parent / location)
-        refs.append(
-            CheckpointRef(row["run"], step, location, seed, row.get("model") or None, tokens)
-        )
+        try:
+            refs.append(
+                CheckpointRef(row["run"], step, location, seed, row.get("model") or None, tokens)
+            )
+        except RefError as err:
+            raise SourceError(f"{path}:{line}: {err}") from err
     return refs

@@ -85,13 +85,27 @@ def weight_files(directory: Path) -> list[Path]:
 
 
 def _read_index(index: Path) -> dict[str, str]:
+    """A shard index's ``weight_map`` (tensor -> file), checked: an object of strings
+    naming files *in* the checkpoint directory (no ``..``, no absolute path, no folder)."""
     try:
-        data = json.loads(index.read_text())
+        data = json.loads(index.read_text(encoding="utf-8-sig"))
         weight_map = data["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:
         raise CheckpointError(f"{index}: not a valid shard index ({err})") from err
-    if not isinstance(weight_map, dict) or not weight_map:
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(
+            f"{index}: weight_map is a {type(weight_map).__name__}, not an object"
+        )
+    if not weight_map:
         raise CheckpointError(f"{index}: empty weight_map")
+    for name, file in weight_map.items():
+        if not isinstance(file, str) or not file:
+            raise CheckpointError(f"{index}: weight_map[{name!r}] is {file!r}, not a file name")
+        if Path(file).name != file or file in (".", ".."):
+            raise CheckpointError(
+                f"{index}: weight_map[{name!r}] = {file!r} points outside the checkpoint "
+                "directory (shards must be files next to the index)"
+            )
     return weight_map
 
 
@@ -132,6 +146,11 @@ class TensorReader:
         try:
             for file in self.files:
                 self._open(file)
+            if not self._where:
+                raise CheckpointError(
+                    f"{self.directory}: the weight file(s) {[f.name for f in self.files]} "
+                    "hold no tensors"
+                )
         except BaseException:
             self._stack.close()
             raise
@@ -148,6 +167,7 @@ class TensorReader:
                 raise CheckpointError(f"{file}: corrupt or truncated safetensors ({err})") from err
             fh = self._stack.enter_context(open(file, "rb"))  # noqa: SIM115
             for name in names:
+                self._check_new(name, file)
                 entry = header[name]
                 if entry["dtype"] not in _SAFETENSORS_DTYPES:
                     raise CheckpointError(f"{file}: tensor {name} has dtype {entry['dtype']}")
@@ -158,8 +178,13 @@ class TensorReader:
             for name, tensor in state.items():
                 if not isinstance(tensor, torch.Tensor):
                     continue
+                self._check_new(name, file)
                 self._where[name] = ("bin", tensor)
                 self._shapes[name] = tuple(tensor.shape)
+
+    def _check_new(self, name: str, file: Path) -> None:
+        if name in self._where:  # two shards with one tensor: which one is the weight?
+            raise CheckpointError(f"{file}: tensor {name!r} is also in another weight file")
 
     def names(self) -> list[str]:
         """Tensor names in the checkpoint, in stored order per file."""

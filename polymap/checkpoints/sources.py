@@ -24,7 +24,7 @@ from polymap.checkpoints.pythia import (
     pythia_eval_steps,
     pythia_repo,
 )
-from polymap.checkpoints.reader import weight_files
+from polymap.checkpoints.reader import CheckpointError, weight_files
 from polymap.checkpoints.ref import HUB_SCHEME, CheckpointRef
 
 
@@ -136,8 +136,13 @@ def fingerprint(ref: CheckpointRef) -> str:
     parts = []
     try:
         files = weight_files(directory) + [directory / "config.json"]
-    except (OSError, ValueError):
-        files = []
+    except (OSError, ValueError, CheckpointError):
+        # a corrupt shard index: identify the directory's contents instead, so fixing
+        # the index changes the fingerprint and the checkpoint is extracted again
+        try:
+            files = sorted(p for p in directory.iterdir() if p.is_file())
+        except OSError:
+            files = []
     for file in files:
         try:
             stat = file.stat()

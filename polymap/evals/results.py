@@ -46,7 +46,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from polymap.checkpoints.ref import parse_step
+from polymap.checkpoints.ref import RefError, check_run, check_step, parse_step
 from polymap.table import normalize
 
 FEATURE_SET = "eval"
@@ -157,8 +157,13 @@ def _from_layout(path: Path) -> tuple[str | None, int | None]:
 
 def _timestamp(path: Path, data: dict) -> float:
     date = data.get("date")
-    if isinstance(date, (int, float)) and math.isfinite(date):
-        return float(date)
+    if isinstance(date, (int, float)) and not isinstance(date, bool):
+        try:
+            value = float(date)
+        except OverflowError:  # a 400-digit "date"
+            value = math.nan
+        if math.isfinite(value):
+            return value
     match = _TIMESTAMP_IN_NAME.search(path.name)
     if match:
         text = match.group(1)
@@ -222,13 +227,72 @@ def read_results_file(
     """
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return _read_results_file(path, run, step, stderr, problems)
+    except EvalFileError:
+        raise
+    except RefError as err:  # a run name or step polymap cannot store
+        raise EvalFileError(f"{path}: {err}") from err
+    except (ValueError, TypeError, AttributeError, KeyError, OverflowError, RecursionError) as err:
+        # the schema check below should have caught it: still one skipped file, not an abort
+        raise EvalFileError(f"{path}: unreadable structure ({type(err).__name__}: {err})") from err
+
+
+def check_schema(path: Path, data) -> None:
+    """The parts of an lm-eval results document polymap reads, type by type; raises
+    :class:`EvalFileError` naming the field."""
+
+    def fail(name: str, value, expected: str):
+        raise EvalFileError(f"{path}: {name} is {_describe(value)}, expected {expected}")
+
+    if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
+        raise EvalFileError(f"{path}: no 'results' object; not an lm-eval results file")
+    for key in ("config", "configs", "n-shot", "groups"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            fail(f"'{key}'", data[key], "an object")
+    config = data.get("config") or {}
+    if config.get("model_args") is not None and not isinstance(config["model_args"], (str, dict)):
+        fail("'config.model_args'", config["model_args"], "a string or an object")
+    for key in ("model_revision",):
+        if config.get(key) is not None and not isinstance(config[key], str):
+            fail(f"'config.{key}'", config[key], "a string")
+    if data.get("model_name") is not None and not isinstance(data["model_name"], str):
+        fail("'model_name'", data["model_name"], "a string")
+    shots = [("config.num_fewshot", config.get("num_fewshot"))]
+    shots += [(f"n-shot.{t}", v) for t, v in (data.get("n-shot") or {}).items()]
+    for task, task_config in (data.get("configs") or {}).items():
+        if task_config is not None and not isinstance(task_config, dict):
+            fail(f"'configs.{task}'", task_config, "an object")
+        shots.append((f"configs.{task}.num_fewshot", (task_config or {}).get("num_fewshot")))
+    for name, value in shots:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if not (isinstance(value, str) and value.strip().isdigit()):
+                fail(f"'{name}'", value, "a number of shots")
+            continue
+        if not math.isfinite(value) or value < 0 or value != int(value) or value > 10**6:
+            fail(f"'{name}'", value, "a whole number of shots (0 .. 1e6)")
+    date = data.get("date")
+    if date is not None and not isinstance(date, (str, int, float)) or isinstance(date, bool):
+        fail("'date'", date, "a number or a string")
+
+
+def _describe(value) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def _read_results_file(path, run, step, stderr, problems) -> EvalRecord:
+    try:
+        # utf-8-sig: a byte-order mark (Windows editors write one) is not an error
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError) as err:
         raise EvalFileError(f"{path}: cannot read ({err})") from err
     except json.JSONDecodeError as err:
         raise EvalFileError(f"{path}: not valid JSON, truncated? ({err})") from err
-    if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
-        raise EvalFileError(f"{path}: no 'results' object; not an lm-eval results file")
+    except RecursionError:
+        raise EvalFileError(f"{path}: JSON nested too deeply to be a results file") from None
+    check_schema(path, data)
     conf_run, conf_step, pretrained = _from_config(data)
     lay_run, lay_step = _from_layout(path)
     run = run or conf_run or lay_run
@@ -239,7 +303,11 @@ def read_results_file(
             f"{path}: no {missing} information (config.model_args has no revision=step<N> "
             "or checkpoint path, the path has no <run>/.../step<N>); give a manifest"
         )
-    record = EvalRecord(path, run, int(step), pretrained, _timestamp(path, data))
+    try:
+        run, step = check_run(run), check_step(int(step))
+    except RefError as err:
+        raise EvalFileError(f"{path}: {err}") from err
+    record = EvalRecord(path, run, step, pretrained, _timestamp(path, data))
     entries = dict(data["results"])
     if isinstance(data.get("groups"), dict):  # lm-eval 0.4.0-0.4.2 kept group scores apart
         for group, entry in data["groups"].items():
@@ -258,6 +326,8 @@ def read_results_file(
                 continue
             try:
                 number = _number(value, f"task {task!r} metric {key!r}")
+                if math.isinf(number):  # 1e999, Infinity: not a score (NaN = "N/A" is kept)
+                    raise EvalFileError(f"task {task!r} metric {key!r}: not finite ({value!r})")
             except EvalFileError as err:
                 if problems is not None:
                     problems.append((str(path), f"{err}, skipped"))
@@ -340,15 +410,19 @@ def ingest(
     models: dict[tuple[str, int], str | None] = {}
     digests: dict[tuple[str, int], list[str]] = {}
     for file in files:
-        run, step = known.get(file.resolve(), (None, None))
         try:
+            run, step = known.get(file.resolve(), (None, None)) if known else (None, None)
             record = read_results_file(file, run, step, stderr, report.problems)
+            digest = hashlib.sha1(file.read_bytes()).hexdigest()[:12]
         except EvalFileError as err:
             report.problems.append((str(file), str(err).removeprefix(f"{file}: ")))
             continue
+        except (OSError, RuntimeError) as err:  # RuntimeError: pathlib's "Symlink loop"
+            report.problems.append((str(file), f"cannot read ({err})"))
+            continue
         key = (record.run, record.step)
         models.setdefault(key, record.model)
-        digests.setdefault(key, []).append(hashlib.sha1(file.read_bytes()).hexdigest()[:12])
+        digests.setdefault(key, []).append(digest)
         for shots, task in record.values:
             slot = (record.run, record.step, shots, task)
             previous = chosen.get(slot)

@@ -8,7 +8,6 @@ column that does not exist.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +94,7 @@ def load_inputs(
 ) -> ExportInputs:
     """Read and check a MODEL_DIR and the optional CSVs (see module docs)."""
     from polymap.phases import PhaseModel, describe
+    from polymap.phases.graph import read_graph, read_paths
     from polymap.table import read_table
 
     directory = Path(model_dir)
@@ -108,11 +108,11 @@ def load_inputs(
         model = PhaseModel.load(directory)
     except PhaseInputError as err:
         raise ExportError(str(err)) from err
-    for name in ("graph.json", "paths.csv"):
-        if not (directory / name).exists():
-            raise ExportError(f"{directory}: no {name}; written by an older polymap? refit")
-    graph = json.loads((directory / "graph.json").read_text())
-    paths = pd.read_csv(directory / "paths.csv")
+    try:
+        graph = read_graph(directory, model.n_states_)
+        paths = read_paths(directory)
+    except PhaseInputError as err:
+        raise ExportError(str(err)) from err
     if isinstance(table, pd.DataFrame):
         data = table
     elif table is not None:

@@ -32,6 +32,68 @@ DETOUR_FRACTION = 0.5
 TOP_FEATURES = 5
 
 
+STATE_KEYS = ("id", "occupancy", "n_runs", "entry_step_median", "step_range",
+              "self_probability", "detour")  # fmt: skip
+TRANSITION_KEYS = ("source", "target", "probability", "count", "top_features")
+
+
+def read_graph(directory: str | Path, n_states: int | None = None) -> dict:
+    """A MODEL_DIR's ``graph.json``, checked against the schema above (and ``n_states``);
+    a missing or malformed one is a :class:`PhaseInputError` naming the file and field."""
+    from polymap.phases.preprocess import PhaseInputError
+
+    path = Path(directory) / "graph.json"
+
+    def fail(reason: str):
+        raise PhaseInputError(f"{path}: {reason}; refit with `polymap fit`")
+
+    if not path.exists():
+        fail("missing")
+    try:
+        graph = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as err:
+        fail(f"unreadable ({type(err).__name__}: {err})")
+    if not isinstance(graph, dict):
+        fail(f"holds a {type(graph).__name__}, not an object")
+    for key, kind in (("n_states", int), ("reason", str), ("features", list), ("states", list),
+                      ("transitions", list), ("detour_states", list)):  # fmt: skip
+        if not isinstance(graph.get(key), kind) or isinstance(graph.get(key), bool):
+            fail(f"{key!r} is missing or not a {kind.__name__}")
+    if not isinstance(graph.get("prune_below"), (int, float)):
+        fail("'prune_below' is missing or not a number")
+    if n_states is not None and (graph["n_states"] != n_states or len(graph["states"]) != n_states):
+        listed = len(graph["states"])
+        fail(f"describes {graph['n_states']} state(s) ({listed} listed); the model has {n_states}")
+    for what, items, keys in (("states", graph["states"], STATE_KEYS),
+                              ("transitions", graph["transitions"], TRANSITION_KEYS)):  # fmt: skip
+        for i, item in enumerate(items):
+            missing = [k for k in keys if not isinstance(item, dict) or k not in item]
+            if missing:
+                fail(f"{what}[{i}] lacks {missing}")
+    return graph
+
+
+def read_paths(directory: str | Path) -> pd.DataFrame:
+    """A MODEL_DIR's ``paths.csv`` (``run, step, state``), checked."""
+    from polymap.phases.preprocess import PhaseInputError
+
+    path = Path(directory) / "paths.csv"
+    if not path.exists():
+        raise PhaseInputError(f"{path}: missing; refit with `polymap fit`")
+    try:
+        paths = pd.read_csv(path)
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise PhaseInputError(f"{path}: unreadable ({type(err).__name__}: {err})") from err
+    missing = [c for c in ("run", "step", "state") if c not in paths.columns]
+    if missing:
+        raise PhaseInputError(f"{path}: lacks column(s) {missing}; refit with `polymap fit`")
+    for column in ("step", "state"):
+        if not pd.api.types.is_integer_dtype(paths[column]):
+            raise PhaseInputError(f"{path}: column {column!r} is not whole numbers")
+    paths["run"] = paths["run"].astype(str)
+    return paths
+
+
 def training_map(model, table: pd.DataFrame, paths: pd.DataFrame | None = None) -> dict:
     """The training map of ``model`` on ``table`` (usually its training table)."""
     from polymap.phases.preprocess import usable_rows
@@ -173,10 +235,7 @@ def describe(directory: str | Path) -> str:
         )
 
     model = PhaseModel.load(directory)
-    graph_path = directory / "graph.json"
-    if not graph_path.exists():
-        raise FileNotFoundError(f"{graph_path} missing: refit with `polymap fit`")
-    graph = json.loads(graph_path.read_text())
+    graph = read_graph(directory, model.n_states_)
     lines = [
         f"Training map: {graph['n_states']} states over "
         f"{len(model.train_runs_)} run(s), {len(graph['features'])} feature(s) "

@@ -26,6 +26,7 @@ PARAMS = (
     "tol",
     "n_jobs",
     "random_state",
+    "noise_merge",
 )
 
 
@@ -75,13 +76,95 @@ def model_meta(model) -> dict:
     return meta
 
 
-def model_from_arrays(cls, meta: dict, arrays: dict[str, np.ndarray]):
-    """A PhaseModel rebuilt from :func:`model_meta` and :func:`model_arrays`."""
+def check_model(meta, arrays: dict[str, np.ndarray], where: str = "model") -> None:
+    """Check a saved model's JSON part and arrays against each other before anything is
+    built from them: types, K, feature count, shapes, finite values, stochastic start and
+    transition probabilities, positive (definite) covariances, a positive scaler. Raises
+    :class:`PhaseInputError` naming ``where``, the field and the reason."""
+
+    def fail(reason: str):
+        raise PhaseInputError(f"{where}: {reason}; refit with `polymap fit`")
+
+    if not isinstance(meta, dict):
+        fail(f"model.json holds a {type(meta).__name__}, not an object")
+    for key, kind in (("params", dict), ("preprocessing", dict), ("train_runs", list)):
+        if not isinstance(meta.get(key), kind):
+            fail(
+                f"model.json: {key!r} is missing or not a{'n object' if kind is dict else ' list'}"
+            )
+    k = meta.get("n_states")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 1000:
+        fail(f"model.json: n_states {k!r} is not a number of states (1 .. 1000)")
+    if meta.get("covariance") not in ("diag", "full"):
+        fail(f"model.json: covariance {meta.get('covariance')!r} is not 'diag' or 'full'")
+    prep = meta["preprocessing"]
+    features = prep.get("features")
+    if (
+        not isinstance(features, list)
+        or not features
+        or not all(isinstance(f, str) for f in features)
+    ):
+        fail("model.json: preprocessing.features is not a non-empty list of column names")
+    if not isinstance(prep.get("log_features", []), list):
+        fail("model.json: preprocessing.log_features is not a list")
+    if prep.get("scale") not in ("global", "per-run"):
+        fail(f"model.json: preprocessing.scale {prep.get('scale')!r} is not global or per-run")
+    unknown = set(meta["params"]) - set(PARAMS)
+    if unknown:
+        fail(f"model.json: unknown parameter(s) {sorted(unknown)}")
+    d = len(features)
+    shapes = {
+        "startprob": (k,),
+        "transmat": (k, k),
+        "means": (k, d),
+        "covars": (k, d) if meta["covariance"] == "diag" else (k, d, d),
+    }
+    if prep["scale"] == "global":
+        shapes.update(scaler_center=(d,), scaler_scale=(d,))
+    for name, shape in shapes.items():
+        if name not in arrays:
+            fail(f"{ARRAYS} lacks {name!r}")
+        value = arrays[name]
+        if value.shape != shape or value.dtype.kind not in "fiu":
+            fail(f"{ARRAYS}: {name} has shape {value.shape} ({value.dtype}), expected {shape} "
+                 f"for K={k} and {d} feature(s)")  # fmt: skip
+        if not np.isfinite(value).all():
+            fail(f"{ARRAYS}: {name} has non-finite values")
+    for name, rows in (
+        ("startprob", arrays["startprob"][None, :]),
+        ("transmat", arrays["transmat"]),
+    ):
+        if (rows < 0).any() or not np.allclose(rows.sum(axis=1), 1.0, atol=1e-6):
+            fail(f"{ARRAYS}: {name} is not a probability distribution per row (>= 0, sums to 1)")
+    covars = arrays["covars"]
+    if meta["covariance"] == "diag":
+        if (covars <= 0).any():
+            fail(f"{ARRAYS}: covars has non-positive variances")
+    else:
+        if not np.allclose(covars, np.swapaxes(covars, 1, 2)) or (
+            np.linalg.eigvalsh(covars).min() <= 0
+        ):
+            fail(f"{ARRAYS}: covars are not symmetric positive definite")
+    if "scaler_scale" in shapes and (arrays["scaler_scale"] <= 0).any():
+        fail(f"{ARRAYS}: scaler_scale has non-positive entries")
+
+
+def model_from_arrays(cls, meta: dict, arrays: dict[str, np.ndarray], where: str = "model"):
+    """A PhaseModel rebuilt from :func:`model_meta` and :func:`model_arrays` (checked
+    first by :func:`check_model`)."""
     from hmmlearn.hmm import GaussianHMM
 
+    check_model(meta, arrays, where)
     params = dict(meta["params"])
-    params["states_range"] = tuple(params["states_range"])
-    model = cls(**params)
+    params["states_range"] = tuple(params.get("states_range", range(1, 9)))
+    try:
+        model = cls(**params)
+        model.get_params()
+        model._validate()
+    except (TypeError, ValueError) as err:
+        raise PhaseInputError(
+            f"{where}: model.json params: {err}; refit with `polymap fit`"
+        ) from err
     k, covariance = meta["n_states"], meta["covariance"]
     hmm = GaussianHMM(n_components=k, covariance_type=covariance, init_params="", params="")
     hmm.implementation = "log"
@@ -136,6 +219,20 @@ def jsonable(value):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def read_arrays(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` written by polymap (never unpickled); a missing,
+    truncated or garbage file is a :class:`PhaseInputError` naming it."""
+    import zipfile
+
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except FileNotFoundError:
+        raise PhaseInputError(f"{path}: missing; refit with `polymap fit`") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as err:
+        raise PhaseInputError(f"{path}: unreadable ({type(err).__name__}: {err})") from err
+
+
 def load_model(cls, directory: Path):
     from polymap.phases.model import FORMAT, FORMAT_VERSION
 
@@ -143,23 +240,43 @@ def load_model(cls, directory: Path):
     if not path.exists():
         raise PhaseInputError(f"{directory}: no {MODEL_JSON} (not a polymap model directory)")
     try:
-        meta = json.loads(path.read_text())
-    except ValueError as err:
-        raise PhaseInputError(f"{path}: unreadable ({err})") from err
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as err:
+        raise PhaseInputError(f"{path}: unreadable ({type(err).__name__}: {err})") from err
+    if not isinstance(meta, dict):
+        raise PhaseInputError(f"{path}: holds a {type(meta).__name__}, not a model object")
     if meta.get("format") != FORMAT:
         raise PhaseInputError(f"{path}: not a {FORMAT} (format={meta.get('format')!r})")
     if meta.get("format_version") != FORMAT_VERSION:
         raise PhaseInputError(
-            f"{path}: format version {meta.get('format_version')} is not supported by this "
+            f"{path}: format version {meta.get('format_version')!r} is not supported by this "
             f"polymap (reads version {FORMAT_VERSION}); refit with `polymap fit`"
         )
-    with np.load(directory / ARRAYS, allow_pickle=False) as npz:
-        arrays = {k: npz[k] for k in npz.files}
-    model = model_from_arrays(cls, meta, arrays)
+    arrays = read_arrays(directory / ARRAYS)
+    model = model_from_arrays(cls, meta, arrays, str(directory))
+    for key, kind in (("reason", str), ("n_degenerate", int), ("n_not_converged", int)):
+        if not isinstance(meta.get(key), kind):
+            raise PhaseInputError(f"{path}: {key!r} is missing or not a {kind.__name__}")
     model.reason_ = meta["reason"]
-    model.n_states_likelihood_ = meta.get("n_states_likelihood", model.n_states_)
+    k_likelihood = meta.get("n_states_likelihood", model.n_states_)
+    model.n_states_likelihood_ = k_likelihood if isinstance(k_likelihood, int) else model.n_states_
     model.n_degenerate_ = meta["n_degenerate"]
     model.n_not_converged_ = meta["n_not_converged"]
-    selection = directory / "selection.csv"
-    model.selection_ = pd.read_csv(selection) if selection.exists() else pd.DataFrame()
+    model.selection_ = _read_selection(directory / "selection.csv")
     return model
+
+
+SELECTION_COLUMNS = ("k", "seed", "heldout_ll", "train_ll", "bic", "converged", "degenerate")
+
+
+def _read_selection(path: Path) -> pd.DataFrame:
+    if not path.exists():
+        return pd.DataFrame()
+    try:
+        selection = pd.read_csv(path)
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise PhaseInputError(f"{path}: unreadable ({type(err).__name__}: {err})") from err
+    missing = [c for c in (*SELECTION_COLUMNS, "chosen") if c not in selection.columns]
+    if missing:
+        raise PhaseInputError(f"{path}: lacks column(s) {missing}; refit with `polymap fit`")
+    return selection

@@ -27,7 +27,12 @@ log = logging.getLogger(__name__)
 def read_labels(labels: pd.DataFrame | str | Path, runs: list[str]) -> pd.DataFrame:
     """Validate a labels table against the runs of the features table."""
     if not isinstance(labels, pd.DataFrame):
-        labels = pd.read_csv(labels)
+        try:
+            labels = pd.read_csv(labels)
+        except FileNotFoundError:
+            raise ScoringError(f"--labels {labels}: no such file") from None
+        except (ValueError, OSError, UnicodeDecodeError) as err:  # empty, not a CSV
+            raise ScoringError(f"--labels {labels}: unreadable ({err})") from err
     missing = {"run", "unstable"} - set(labels.columns)
     if missing:
         raise ScoringError(f"labels lack column(s) {sorted(missing)}")

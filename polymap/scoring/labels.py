@@ -17,9 +17,10 @@ Two rules, either marks a run (``onset_step`` = the first step of whichever fire
   at ``lasting`` (3) consecutive checkpoints or more;
 - **spike** (losses only, by default): the run's metric (optionally smoothed: EMA with
   weight ``smoothing`` on the newest value; 1 = raw) gets worse than its own running
-  best by more than ``spike`` (by default: the band's gap floor and noise);
-- **non-finite**: the metric stops being finite (always, floor or not). Accuracies move by their measurement noise between checkpoints, so a
-  "spike" on them is noise unless asked for (``spike=`` a number).
+  best by more than ``spike`` (by default: the band's gap floor and noise). Accuracies
+  move by their measurement noise between checkpoints, so a "spike" on them is noise
+  unless asked for (``spike=`` a number);
+- **non-finite**: the metric stops being finite (always, floor or not).
 
 **At the floor nothing counts.** Eval scores sit at chance for the first part of
 training (Pythia: every core task until step ~1000), where runs differ only by noise.

@@ -41,6 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from polymap.checkpoints.sources import parse_int_list
+from polymap.executors import die_with_parent
 from polymap.suite.corpus import CorpusError, load_corpus
 from polymap.suite.defects import DEFECTS, LEGACY, DefectError, parse_defect
 from polymap.suite.schedule import checkpoint_steps, learning_rate
@@ -314,7 +315,10 @@ def build(
                 runs_done(spec.name)
         else:
             ctx = mp.get_context("spawn")
-            with ctx.Manager() as manager, ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+            pool = ProcessPoolExecutor(
+                jobs, mp_context=ctx, initializer=die_with_parent, initargs=(os.getpid(),)
+            )
+            with ctx.Manager() as manager, pool:
                 steps_done = manager.Queue()
                 futures = {
                     pool.submit(_train_worker, s, str(out), train_device, steps_done): s

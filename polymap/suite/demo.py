@@ -43,6 +43,9 @@ def _spread(steps: list[int], n: int) -> list[int]:
     return sorted({steps[round(i * (len(steps) - 1) / (n - 1))] for i in range(n)})
 
 
+MIN_SEEDS = 3
+
+
 def run_demo(
     out: str | Path = "demo-out",
     seeds: int = 10,
@@ -65,6 +68,11 @@ def run_demo(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
+    if seeds < MIN_SEEDS:  # checked before minutes of training, not at the scoring stage
+        raise ValueError(
+            f"--seeds {seeds}: the demo needs at least {MIN_SEEDS} (each run is scored "
+            "against the others: a reference needs 3 runs)"
+        )
     started = time.perf_counter()
     timings: dict[str, float] = {}
 
