@@ -283,6 +283,39 @@ def test_ingest_fuzz_only_skips(tmp_path_factory, document):
     assert not np.isinf(numbers).any()
 
 
+FIELDS = [("config",), ("config", "model_args"), ("config", "num_fewshot"), ("configs",),
+          ("configs", "piqa"), ("configs", "piqa", "num_fewshot"), ("n-shot",),
+          ("n-shot", "piqa"), ("date",), ("results", "piqa"), ("results", "piqa", "acc"),
+          ("results", "piqa", "acc_stderr"), ("groups",), ("model_name",),
+          ("config", "model_revision")]  # fmt: skip
+
+
+def _mutated(path: tuple[str, ...], value) -> dict:
+    """GOOD_RESULTS with the field at ``path`` set to ``value`` (parents created)."""
+    document = json.loads(json.dumps(GOOD_RESULTS))
+    node = document
+    for key in path[:-1]:
+        if not isinstance(node.get(key), dict):
+            node[key] = {}
+        node = node[key]
+    node[path[-1]] = value
+    return document
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(path=st.sampled_from(FIELDS), value=JSON)
+def test_ingest_fuzz_one_field_of_a_good_file(tmp_path_factory, path, value):
+    # mutation fuzzing: a good results file with one field replaced by anything
+    folder = _good_folder(tmp_path_factory.mktemp("field"))
+    (folder / "mutant.json").write_text(json.dumps(_mutated(path, value)))
+    table, report = ingest(folder, stderr=True)  # never raises
+    assert "pythia-70m" in set(table["run"])
+    numbers = table[[c for c in table.columns if c.startswith("eval.")]].to_numpy(float)
+    assert not np.isinf(numbers).any()
+
+
 @settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
