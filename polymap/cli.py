@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from polymap.errors import PolymapError, UsageError
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -52,7 +54,7 @@ def _evals_ingest(args: argparse.Namespace) -> int:
     from polymap.table import write_table
 
     if Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out} is a directory; give EVALS.parquet")
+        raise UsageError(f"--out {args.out} is a directory; give EVALS.parquet")
     table, report = ingest(args.paths, manifest=args.manifest, stderr=args.stderr)
     for line in report.duplicates:
         print(f"duplicate: {line}")
@@ -175,7 +177,7 @@ def _suite(args: argparse.Namespace) -> int:
             print(defect.describe())
         return EXIT_OK
     if not args.out:
-        raise ValueError("suite needs --out DIR (or --list-defects)")
+        raise UsageError("suite needs --out DIR (or --list-defects)")
     manifest = build(
         args.out,
         sizes=args.sizes,
@@ -256,13 +258,13 @@ def _read_any_table(path: str, metric: str = "val_loss"):
     if p.is_dir():
         return run_logs(p, "eval" if metric == "val_loss" else "train")
     if not p.exists():
-        raise ValueError(f"TABLE {p}: no such file or directory")
+        raise PolymapError(f"TABLE {p}: no such file or directory")
     try:
         if p.suffix == ".csv":
             return pd.read_csv(p)
         return pd.read_parquet(p)  # any table: label metrics need not be feature columns
     except (ValueError, OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"TABLE {p}: unreadable ({type(err).__name__}: {err})") from err
+        raise PolymapError(f"TABLE {p}: unreadable ({type(err).__name__}: {err})") from err
 
 
 def _scorer(model_dir: str, features, alpha: float, seed: int, jobs: int = 1):
@@ -273,7 +275,7 @@ def _scorer(model_dir: str, features, alpha: float, seed: int, jobs: int = 1):
     from polymap.scoring import RiskScorer
 
     if not Path(model_dir).is_dir():
-        raise ValueError(f"--model {model_dir}: no such model directory (polymap fit writes one)")
+        raise UsageError(f"--model {model_dir}: no such model directory (polymap fit writes one)")
     try:
         scorer = RiskScorer.load(model_dir)
     except ValueError as err:
@@ -286,7 +288,7 @@ def _scorer(model_dir: str, features, alpha: float, seed: int, jobs: int = 1):
     ):
         return scorer.set_params(alpha=alpha)
     if features is None:
-        raise ValueError(
+        raise UsageError(
             f"{model_dir} has no saved scorer (fitted before polymap saved one): give "
             "FEATURES.parquet to fit one with its map, or refit with `polymap fit`"
         )
@@ -305,14 +307,14 @@ def _score(args: argparse.Namespace) -> int:
         scores = score_paths(pd.read_csv(args.paths), args.until_step)
     else:
         if not args.model:
-            raise ValueError("score needs --model MODEL_DIR (or --paths)")
+            raise UsageError("score needs --model MODEL_DIR (or --paths)")
         from polymap.table import read_table
 
         reference = read_table(args.features_table) if args.features_table else None
         group_by = args.group_by or _grouped(args.model)
         if group_by:
             if args.targets:
-                raise ValueError("--targets with --group-by: score each group's targets "
+                raise UsageError("--targets with --group-by: score each group's targets "
                                  "with --model MODEL_DIR/<value>")  # fmt: skip
             from polymap.scoring.backtest import score_groups
 
@@ -360,9 +362,9 @@ def _group_scorers(model_dir: str, features, group_by: str, alpha: float, seed: 
     from polymap.scoring.backtest import group_scorers
 
     if features is None:
-        raise ValueError("--group-by needs FEATURES.parquet (the runs to group)")
+        raise UsageError("--group-by needs FEATURES.parquet (the runs to group)")
     if group_by not in features.columns:
-        raise ValueError(f"--group-by {group_by!r}: no such column in the features table")
+        raise UsageError(f"--group-by {group_by!r}: no such column in the features table")
     given = {}
     if _grouped(model_dir):
         for value, part in features.groupby(group_by, sort=True):
@@ -385,7 +387,7 @@ def _label(args: argparse.Namespace) -> int:
         try:
             spike = float(args.spike)
         except ValueError:
-            raise ValueError(
+            raise UsageError(
                 f"--spike {args.spike!r}: expected a number, 'off' or 'auto'"
             ) from None
     labels = label_runs(
@@ -409,13 +411,13 @@ def _backtest(args: argparse.Namespace) -> int:
     from polymap.scoring import backtest
     from polymap.table import read_table
 
-    features = read_table(args.features_table)
-    try:
+    try:  # flags first: a usage error before any reading
         horizons = tuple(float(h) for h in args.horizons.split(","))
     except ValueError:
-        raise ValueError(
+        raise UsageError(
             f"--horizons {args.horizons!r}: expected fractions like 0.1,0.25"
         ) from None
+    features = read_table(args.features_table)
     group_by = args.group_by or (_grouped(args.model) if args.model else None)
     if group_by and args.model:
         scorers = _group_scorers(args.model, features, group_by, args.alpha, args.seed)
@@ -445,9 +447,9 @@ def _positive_int(text: str, flag: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise ValueError(f"{flag} {text!r}: expected 'auto' or a positive integer") from None
+        raise UsageError(f"{flag} {text!r}: expected 'auto' or a positive integer") from None
     if value < 1:
-        raise ValueError(f"{flag} {value}: must be at least 1")
+        raise UsageError(f"{flag} {value}: must be at least 1")
     return value
 
 
@@ -482,14 +484,48 @@ def _at_least(minimum: int):
     return parse
 
 
+def _version() -> str:
+    from polymap import __version__
+
+    return __version__
+
+
+_COMMON = argparse.ArgumentParser(add_help=False)
+_COMMON.add_argument(
+    "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log details"
+)
+_COMMON.add_argument(
+    "-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+    help="less output: no progress bars, no extra reports",
+)  # fmt: skip
+
+
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` where there is a default worth showing (not None/False)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in (
+            action.help or ""
+        ):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _verb(subparsers, name: str, **kwargs) -> argparse.ArgumentParser:
+    """A verb's parser: the global -v/-q also after the verb, defaults shown in --help."""
+    return subparsers.add_parser(name, parents=[_COMMON], formatter_class=_DefaultsHelp, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="polymap", description="Map training runs and flag the ones that will go wrong."
     )
+    parser.add_argument("--version", action="version", version=f"polymap {_version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
+    parser.add_argument("-q", "--quiet", action="store_true", help="less output: no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("extract", help="extract per-checkpoint features into a Parquet table")
+    p = _verb(sub, "extract", help="extract per-checkpoint features into a Parquet table")
     p.add_argument(
         "sources",
         nargs="+",
@@ -525,63 +561,73 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-tokens", default=None, help="probe token ids (.npy or text ints)")
     p.add_argument("--probe-sequences", type=_at_least(1), default=8, help="probe rows")
     p.add_argument("--probe-length", type=_at_least(1), default=128, help="tokens per probe row")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_extract, out_kind="file")
 
-    p = sub.add_parser("evals", help="lm-eval results: ingest files, run lm-eval, local tasks")
+    p = _verb(sub, "evals", help="lm-eval results: ingest files, run lm-eval, local tasks")
     evals = p.add_subparsers(dest="evals_command", required=True, metavar="ACTION")
-    e = evals.add_parser("ingest", help="read lm-eval results JSON into EVALS.parquet")
+    e = _verb(evals, "ingest", help="read lm-eval results JSON into EVALS.parquet")
     e.add_argument("paths", nargs="+", metavar="PATH", help="results files or folders")
     e.add_argument("--out", required=True, help="EVALS.parquet (a FeatureTable)")
     e.add_argument("--manifest", default=None, help="CSV path,run,step for files without them")
     e.add_argument("--stderr", action="store_true", help="also keep <metric>_stderr columns")
     e.set_defaults(func=_evals_ingest, out_kind="file")
-    e = evals.add_parser("run", help="run lm-eval on every checkpoint, write its results JSON")
-    e.add_argument("sources", nargs="+", metavar="SOURCE")
+    e = _verb(evals, "run", help="run lm-eval on every checkpoint, write its results JSON")
+    e.add_argument(
+        "sources", nargs="+", metavar="SOURCE", help="runs folder, run, checkpoint or manifest"
+    )
     e.add_argument("--tasks", required=True, help="comma list of lm-eval task names")
     e.add_argument("--out", required=True, help="output folder (OUT/<run>/step<N>/results_*)")
     e.add_argument("--include-path", action="append", default=None, help="local task folder")
     e.add_argument("--limit", type=float, default=None, help="examples per task (lm-eval)")
-    e.add_argument("--num-fewshot", type=int, default=None)
-    e.add_argument("--batch-size", type=_at_least(1), default=16)
+    e.add_argument(
+        "--num-fewshot", type=_at_least(0), default=None, help="few-shot examples (task default)"
+    )
+    e.add_argument("--batch-size", type=_at_least(1), default=16, help="lm-eval batch size")
     e.add_argument("--steps", default=None, help="all | eval | list/ranges")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    e.add_argument("--seed", type=int, default=0, help="random seed")
     e.set_defaults(func=_evals_run, out_kind="dir")
-    e = evals.add_parser("task", help="write a local LAMBADA-style lm-eval task from text")
+    e = _verb(evals, "task", help="write a local LAMBADA-style lm-eval task from text")
     e.add_argument("--out", required=True, help="folder for <name>.yaml + <name>.jsonl")
     e.add_argument("--corpus", default=None, help="text file (default: the suite corpus)")
-    e.add_argument("--name", default="suite_lastword")
+    e.add_argument("--name", default="suite_lastword", help="task name")
     e.set_defaults(func=_evals_task, out_kind="dir")
 
-    p = sub.add_parser("merge", help="join FeatureTables on (run, step)")
-    p.add_argument("tables", nargs="+", metavar="TABLE.parquet")
+    p = _verb(sub, "merge", help="join FeatureTables on (run, step)")
+    p.add_argument(
+        "tables", nargs="+", metavar="TABLE.parquet", help="FeatureTables to join on (run, step)"
+    )
     p.add_argument("--out", required=True, help="MERGED.parquet")
-    p.add_argument("--how", default="outer", choices=["outer", "inner", "left"])
+    p.add_argument("--how", default="outer", choices=["outer", "inner", "left"], help="join type")
     p.set_defaults(func=_merge, out_kind="file")
 
-    p = sub.add_parser("fit", help="fit the HMM training map (latent phases) over all runs")
-    p.add_argument("features_table", metavar="FEATURES.parquet")
+    p = _verb(sub, "fit", help="fit the HMM training map (latent phases) over all runs")
+    p.add_argument("features_table", metavar="FEATURES.parquet", help="a FeatureTable")
     p.add_argument("--out", required=True, help="MODEL_DIR")
     p.add_argument("--states", default="auto", help="auto (select K in 1..8) or K")
     p.add_argument("--restarts", type=_at_least(1), default=5, help="seeded restarts per K")
     p.add_argument("--features", default=None, help="sets or columns (default hu2023)")
     p.add_argument("--group-by", default=None, help="fit one model per value of this column")
-    p.add_argument("--covariance", default="diag", choices=["diag", "full"])
-    p.add_argument("--scale", default="global", choices=["global", "per-run"])
+    p.add_argument("--covariance", default="diag", choices=["diag", "full"], help="HMM covariance")
+    p.add_argument(
+        "--scale", default="global", choices=["global", "per-run"], help="feature scaling"
+    )
     p.add_argument("--log", action="store_true", help="log positive heavy-tailed features")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--jobs", type=_jobs, default=-1, help="parallel fits (joblib; -1 = all cores)")
-    p.add_argument("-q", "--quiet", action="store_true", help="do not print the map")
     p.set_defaults(func=_fit, out_kind="dir")
 
-    p = sub.add_parser("describe", help="print a fitted training map")
-    p.add_argument("model_dir", metavar="MODEL_DIR")
+    p = _verb(sub, "describe", help="print a fitted training map")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="written by polymap fit")
     p.set_defaults(func=_describe)
 
-    p = sub.add_parser("score", help="outlier risk of each run up to a horizon")
-    p.add_argument("features_table", metavar="FEATURES.parquet", nargs="?")
+    p = _verb(sub, "score", help="outlier risk of each run up to a horizon")
+    p.add_argument(
+        "features_table",
+        metavar="FEATURES.parquet",
+        nargs="?",
+        help="reference runs (default: the MODEL_DIR's)",
+    )
     p.add_argument("--model", help="MODEL_DIR from polymap fit (its saved scorer)")
     p.add_argument("--targets", help="score these runs (a FeatureTable) instead of the reference")
     p.add_argument("--horizon", type=float, default=None, help="fraction of training, e.g. 0.25")
@@ -591,15 +637,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paths", help="score external state paths (run,step,state CSV)")
     p.add_argument("--alpha", type=float, default=0.05, help="false-alarm rate of flagged")
     p.add_argument("--group-by", default=None, help=GROUP_HELP)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", required=True, help="SCORES.csv")
     p.set_defaults(func=_score, out_kind="file")
 
-    p = sub.add_parser("label", help="mark runs that later became unstable")
+    p = _verb(sub, "label", help="mark runs that later became unstable")
     p.add_argument("table", metavar="TABLE", help="Parquet/CSV (run, step, metric) or suite dir")
     p.add_argument("--metric", required=True, help="column, e.g. val_loss or eval.lambada.acc")
-    p.add_argument("--after-step", type=_at_least(0), default=None)
-    p.add_argument("--better", default="auto", choices=["auto", "higher", "lower"])
+    p.add_argument("--after-step", type=_at_least(0), default=None, help="only later steps count")
+    p.add_argument(
+        "--better",
+        default="auto",
+        choices=["auto", "higher", "lower"],
+        help="which direction is better (auto: from the name)",
+    )
     p.add_argument(
         "--min-gap", type=float, default=None,
         help="smallest gap below the band (default: 10%% of the metric's late-training change)",
@@ -616,24 +667,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="LABELS.csv")
     p.set_defaults(func=_label, out_kind="file")
 
-    p = sub.add_parser("backtest", help="AUROC/AP/lead time of early risk against labels")
-    p.add_argument("features_table", metavar="FEATURES.parquet")
+    p = _verb(sub, "backtest", help="AUROC/AP/lead time of early risk against labels")
+    p.add_argument("features_table", metavar="FEATURES.parquet", help="a FeatureTable")
     p.add_argument("--labels", required=True, help="LABELS.csv")
     p.add_argument("--model", help="MODEL_DIR (its saved scorer; else K is selected)")
     p.add_argument("--group-by", default=None, help=GROUP_HELP)
-    p.add_argument("--horizons", default="0.1,0.25,0.5")
+    p.add_argument("--horizons", default="0.1,0.25,0.5", help="fractions of training")
     p.add_argument("--alpha", type=float, default=0.05, help="false-alarm rate of flagged")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=_backtest, out_kind="dir")
 
-    p = sub.add_parser("suite", help="train a miniature Pythia-like multi-seed suite")
+    p = _verb(sub, "suite", help="train a miniature Pythia-like multi-seed suite")
     p.add_argument("--out", default=None, help="suite directory")
     p.add_argument("--sizes", default="nano", help="comma list of pico, nano, micro")
     p.add_argument("--seeds", default="0-9", help="seed list/ranges, e.g. 0-9 or 1,3,5")
     p.add_argument("--steps", type=_at_least(1), default=400, help="training steps per run")
     p.add_argument("--corpus", default=None, help="text file (default: Python's doc topics)")
-    p.add_argument("--vary", default="seed", choices=["seed", "data", "init"])
+    p.add_argument(
+        "--vary", default="seed", choices=["seed", "data", "init"], help="what the seed changes"
+    )
     p.add_argument("--unstable", default="3,4", help="seeds to plant instability in ('' none)")
     p.add_argument(
         "--defect",
@@ -643,13 +696,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list-defects", action="store_true", help="print the defects and exit")
     p.add_argument("--jobs", type=_jobs, default=2, help="runs trained in parallel")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (training uses CPU)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_suite, out_kind="dir")
 
-    p = sub.add_parser("features", help="list the feature sets and what each feature means")
+    p = _verb(sub, "features", help="list the feature sets and what each feature means")
     p.set_defaults(func=_features)
 
-    p = sub.add_parser("demo", help="the whole pipeline on the built-in suite")
+    p = _verb(sub, "demo", help="the whole pipeline on the built-in suite")
     p.add_argument("--out", default="demo-out", help="output directory")
     p.add_argument("--seeds", type=_at_least(3), default=10, help="number of seeds in the suite")
     p.add_argument("--steps", type=_at_least(1), default=400, help="training steps per run")
@@ -657,8 +709,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-lm-eval", action="store_true", help="skip the lm-eval stage")
     p.set_defaults(func=_demo, out_kind="dir")
 
-    p = sub.add_parser("export", help="training-map graphs, figures and an HTML report")
-    p.add_argument("model_dir", metavar="MODEL_DIR")
+    p = _verb(sub, "export", help="training-map graphs, figures and an HTML report")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="written by polymap fit")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--scores", default=None, help="SCORES.csv from polymap score")
     p.add_argument("--labels", default=None, help="LABELS.csv from polymap label")
@@ -667,30 +719,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", default=None, help="FEATURES.parquet (default: MODEL_DIR's)")
     p.add_argument("--format", default="dot,json,png,svg,html", help="comma list")
     p.add_argument("--highlight", default=None, help="run whose path is drawn in red")
-    p.add_argument("--step-scale", default="sqrt", choices=["sqrt", "log"])
-    p.add_argument("--renderer", default="matplotlib", choices=["matplotlib", "graphviz", "auto"])
+    p.add_argument(
+        "--step-scale", default="sqrt", choices=["sqrt", "log"], help="step axis of timelines"
+    )
+    p.add_argument(
+        "--renderer",
+        default="matplotlib",
+        choices=["matplotlib", "graphviz", "auto"],
+        help="training-map drawing",
+    )
     p.set_defaults(func=_export, out_kind="dir")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``polymap`` command. Exit codes: 0 ok, 1 a data error (bad or missing input, an
+    output that cannot be written, a run with failed checkpoints), 2 a usage error (bad
+    flags), 130 interrupted; a bug shows its traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
+        level=logging.INFO if args.verbose else logging.ERROR if args.quiet else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    from polymap.checkpoints import SourceError
-    from polymap.evals import EvalFileError
-    from polymap.evals.harness import HarnessError
-    from polymap.executors import ExecutorError
-    from polymap.export import ExportError
+    from polymap.errors import PolymapError, UsageError
     from polymap.paths import OutputPathError, check_output
-    from polymap.phases import PhaseInputError
-    from polymap.scoring import ScoringError
-    from polymap.suite import SuiteError
-    from polymap.suite.corpus import CorpusError
-    from polymap.table import TableError, TableLockedError
+
+    def fail(message: str, code: int) -> int:
+        print(f"polymap {args.command}: error: {message}", file=sys.stderr)
+        return code
 
     try:
         out, kind = getattr(args, "out", None), getattr(args, "out_kind", None)
@@ -698,28 +755,18 @@ def main(argv: list[str] | None = None) -> int:
             check_output(out, kind)  # before any work: not after minutes of computing
         return args.func(args)
     except OutputPathError as err:
-        print(f"polymap {args.command}: error: --out {err}", file=sys.stderr)
+        return fail(f"--out {err}", EXIT_FAILED)
+    except UsageError as err:
+        return fail(str(err), EXIT_USAGE)
+    except BrokenPipeError:  # `polymap features | head`: the reader has gone, stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
         return EXIT_FAILED
-    except (
-        SourceError,
-        EvalFileError,
-        HarnessError,
-        ExportError,
-        ExecutorError,
-        TableError,
-        TableLockedError,
-        CorpusError,
-        SuiteError,
-        PhaseInputError,
-        ScoringError,
-        FileNotFoundError,
-        ValueError,
-    ) as err:
-        print(f"polymap {args.command}: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as err:  # writing an output failed after all (disk full, removed folder)
-        print(f"polymap {args.command}: error: {err}", file=sys.stderr)
-        return EXIT_FAILED
+    except (PolymapError, OSError) as err:  # OSError: a missing input, a failed write
+        return fail(str(err), EXIT_FAILED)
+    except KeyboardInterrupt:
+        print(f"polymap {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

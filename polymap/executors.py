@@ -32,12 +32,14 @@ from dataclasses import dataclass
 
 import torch
 
+from polymap.errors import PolymapError, UsageError
+
 log = logging.getLogger(__name__)
 EXECUTORS = ("local", "process", "ray")
 DEFAULT_RETRIES = 2
 
 
-class ExecutorError(RuntimeError):
+class ExecutorError(PolymapError, RuntimeError):
     """An executor that cannot start (Ray missing, an address that does not answer)."""
 
 
@@ -134,7 +136,7 @@ class ProcessExecutor(Executor):
 
     def __init__(self, jobs: int = 2, retries: int = DEFAULT_RETRIES):
         if jobs < 1:
-            raise ValueError(f"jobs={jobs}: need at least 1")
+            raise UsageError(f"jobs={jobs}: need at least 1")
         self.jobs, self.retries = jobs, retries
         self.threads = max(1, (os.cpu_count() or 1) // jobs)
         self._pool: ProcessPoolExecutor | None = None
@@ -313,4 +315,4 @@ def get_executor(
         return ProcessExecutor(jobs=max(1, jobs), retries=retries)
     if name == "ray":
         return RayExecutor(address=address, num_gpus=gpus_per_task, retries=retries)
-    raise ValueError(f"executor {name!r} is not one of {EXECUTORS}")
+    raise UsageError(f"executor {name!r} is not one of {EXECUTORS}")

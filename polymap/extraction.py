@@ -41,6 +41,7 @@ from polymap.checkpoints import (
     read_config,
 )
 from polymap.checkpoints.prefetch import HubPrefetcher
+from polymap.errors import UsageError
 from polymap.executors import DEFAULT_RETRIES, Executor, LocalExecutor, TaskFailed, get_executor
 from polymap.features import CheckpointContext, FeatureUnavailableError, Param, get_feature_sets
 from polymap.features.base import FeatureSet
@@ -59,9 +60,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ValueError(f"device={device!r} is not one of 'auto', 'cpu', 'cuda'")
+        raise UsageError(f"device={device!r} is not one of 'auto', 'cpu', 'cuda'")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} requested but no CUDA GPU is available")
+        raise UsageError(f"device={device!r} requested but no CUDA GPU is available")
     return torch.device(device)
 
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from polymap.errors import PolymapError, UsageError
 
-class OutputPathError(OSError):
+
+class OutputPathError(PolymapError, OSError):
     """``--out`` cannot be written; the message names the path and why."""
 
 
@@ -23,7 +25,7 @@ def check_output(path: str | Path, kind: str) -> Path:
     (``"file"`` or ``"dir"``): what exists must have that kind, the nearest existing
     ancestor must be a writable directory. Creates nothing."""
     if kind not in ("file", "dir"):
-        raise ValueError(f"kind={kind!r} is not 'file' or 'dir'")
+        raise UsageError(f"kind={kind!r} is not 'file' or 'dir'")
     path = Path(path)
     if path.exists():
         if kind == "file" and path.is_dir():

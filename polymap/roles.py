@@ -26,6 +26,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from polymap.errors import UsageError
+
 ROLES = ("embed", "unembed", "attn_qkv", "attn_out", "mlp_in", "mlp_out", "norm", "other")
 KINDS = ("weight", "bias", "buffer")
 
@@ -88,7 +90,7 @@ def register_architecture(arch: Architecture) -> Architecture:
     """Add (or replace) an architecture table. Returns it, so it can decorate a constant."""
     for pattern, role in arch.rules:
         if role not in ROLES:
-            raise ValueError(f"role {role!r} in rule {pattern!r} is not one of {ROLES}")
+            raise UsageError(f"role {role!r} in rule {pattern!r} is not one of {ROLES}")
     _REGISTRY[arch.name] = arch
     return arch
 

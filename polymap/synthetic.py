@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from polymap.errors import UsageError
+
 ARCHS = ("gpt_neox", "gpt2", "llama", "bert")
 
 
@@ -84,7 +86,7 @@ def tiny_config(arch: str = "gpt_neox", hidden: int = 32, layers: int = 2, vocab
             max_position_embeddings=256,
             pad_token_id=0,
         )
-    raise ValueError(f"arch={arch!r} is not one of {ARCHS}")
+    raise UsageError(f"arch={arch!r} is not one of {ARCHS}")
 
 
 def tiny_model(arch: str = "gpt_neox", seed: int = 0, **config_kwargs):

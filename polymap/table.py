@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from polymap.errors import PolymapError, UsageError
+
 KEY_COLUMNS = ("run", "step")
 META_COLUMNS = (
     "run",
@@ -41,11 +43,11 @@ META_COLUMNS = (
 STATUSES = ("ok", "warning", "nonfinite", "failed")
 
 
-class TableError(ValueError):
+class TableError(PolymapError, ValueError):
     """A table that does not follow the FeatureTable schema."""
 
 
-class TableLockedError(RuntimeError):
+class TableLockedError(PolymapError, RuntimeError):
     """Another process is writing the same table."""
 
 
@@ -151,7 +153,7 @@ def merge_tables(tables: Sequence[pd.DataFrame], how: str = "outer") -> pd.DataF
     [['r', 1, 2.0, 0.6]]
     """
     if how not in ("outer", "inner", "left"):
-        raise ValueError(f"how={how!r} is not one of outer, inner, left")
+        raise UsageError(f"how={how!r} is not one of outer, inner, left")
     tables = [normalize(t) for t in tables]
     if not tables:
         raise TableError("no tables to merge")

@@ -242,7 +242,7 @@ def test_cli_ingest_exit_codes(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "bad.json" in text and "1 checkpoint(s) of 1 run(s)" in text
     assert read_table(out).loc[0, "eval.piqa.acc"] == 0.6
-    assert main(["evals", "ingest", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    assert main(["evals", "ingest", str(tmp_path / "nowhere"), "--out", str(out)]) == 1
 
 
 # --- native evals -----------------------------------------------------------------------

@@ -174,7 +174,7 @@ def test_bad_input_is_a_clear_error(fitted, tmp_path, capsys):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "model.json").write_text(json.dumps({"format": "sklearn"}))
-    assert main(["export", str(foreign), "--out", str(tmp_path / "d")]) == 2
+    assert main(["export", str(foreign), "--out", str(tmp_path / "d")]) == 1
     assert "not a polymap.PhaseModel" in capsys.readouterr().err
     # nothing was written for the failed calls
     assert not any((tmp_path / n).exists() for n in ("a", "b", "c", "d"))

@@ -114,7 +114,7 @@ def test_cli_exit_code_and_summary(bad_runs, tmp_path, capsys):
     assert main(["extract", str(bad_runs), "--out", str(out), "--device", "cpu", "-q"]) == 1
     printed = capsys.readouterr().out
     assert "seed0 step 2: failed" in printed and "seed0 step 1: nonfinite" in printed
-    assert main(["extract", str(tmp_path / "nope"), "--out", str(out), "-q"]) == 2
+    assert main(["extract", str(tmp_path / "nope"), "--out", str(out), "-q"]) == 1
     assert "no such file" in capsys.readouterr().err
     assert main(["extract", str(bad_runs), "--out", str(out), "--features", "zzz", "-q"]) == 2
 

@@ -166,7 +166,7 @@ def test_manifest_names_and_steps(tiny, tmp_path, run, step, message):
     with pytest.raises(SourceError, match=message):
         resolve_sources([manifest])
     out = tmp_path / "lm"
-    assert main(["evals", "run", str(manifest), "--tasks", "x", "--out", str(out)]) == 2
+    assert main(["evals", "run", str(manifest), "--tasks", "x", "--out", str(out)]) == 1
     assert not (tmp_path.parent / "escaped").exists()
 
 
@@ -407,7 +407,7 @@ def test_tampered_model_dirs_are_clear_errors(model_dir, tmp_path, case, capsys)
     verb = ["export", str(target), "--out", str(tmp_path / "x")]
     if case != "paths.csv wrong columns":
         verb = ["describe", str(target)]
-    assert main(verb) == 2, case
+    assert main(verb) == 1, case  # a data error
     message = capsys.readouterr().err
     assert str(target) in message and "Traceback" not in message
 
@@ -518,10 +518,10 @@ def test_bad_output_paths_fail_before_computing(tmp_path, capsys, monkeypatch):
 def test_missing_and_conflicting_tables(tmp_path, capsys):
     from test_scoring import runs_table
 
-    assert main(["merge", "/nonexistent.parquet", "--out", str(tmp_path / "m.parquet")]) == 2
+    assert main(["merge", "/nonexistent.parquet", "--out", str(tmp_path / "m.parquet")]) == 1
     assert "/nonexistent.parquet: no such file" in capsys.readouterr().err
     assert not (tmp_path / "m.parquet").exists()
-    assert main(["fit", "/nonexistent.parquet", "--out", str(tmp_path / "m")]) == 2
+    assert main(["fit", "/nonexistent.parquet", "--out", str(tmp_path / "m")]) == 1
     assert "no such file" in capsys.readouterr().err
     table = runs_table()
     twice = pd.concat([table, table.iloc[:3]])
@@ -559,10 +559,10 @@ def test_messages_name_the_flag_or_file(tmp_path, capsys):
     runs_table().to_parquet(features)
     (tmp_path / "empty.csv").write_text("")
     assert main(["backtest", str(features), "--labels", str(tmp_path / "empty.csv"),
-                 "--out", str(tmp_path / "bt")]) == 2  # fmt: skip
+                 "--out", str(tmp_path / "bt")]) == 1  # fmt: skip
     assert "--labels" in capsys.readouterr().err
     assert main(["backtest", str(features), "--labels", "l.csv", "--horizons", "abc",
                  "--out", str(tmp_path / "bt")]) == 2  # fmt: skip
     assert "--horizons" in capsys.readouterr().err
-    assert main(["label", "/nonexistent", "--metric", "acc", "--out", str(tmp_path / "l.csv")]) == 2
+    assert main(["label", "/nonexistent", "--metric", "acc", "--out", str(tmp_path / "l.csv")]) == 1
     assert "TABLE /nonexistent: no such file" in capsys.readouterr().err

@@ -187,7 +187,7 @@ def test_bad_inputs(planted, fitted, tmp_path):
     )
     with pytest.raises(PhaseInputError, match="format version 99"):
         PhaseModel.load(tmp_path / "bad")
-    assert main(["describe", str(tmp_path / "nothing")]) == 2
+    assert main(["describe", str(tmp_path / "nothing")]) == 1
 
 
 def test_far_outlier_run_does_not_break_fitting(planted):

@@ -8,11 +8,12 @@ import re
 from pathlib import Path
 
 from polymap.checkpoints.ref import HUB_SCHEME, CheckpointRef, RefError, parse_step
+from polymap.errors import PolymapError
 
 log = logging.getLogger(__name__)
 
 
-class SourceError(ValueError):
+class SourceError(PolymapError, ValueError):
     """A source that names no checkpoints, or cannot be parsed; says which and why."""
 
 

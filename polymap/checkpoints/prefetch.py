@@ -24,6 +24,7 @@ from pathlib import Path
 
 from polymap.checkpoints import hub
 from polymap.checkpoints.ref import CheckpointRef
+from polymap.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ class HubPrefetcher:
 
     def __init__(self, refs: Sequence[CheckpointRef], max_on_disk: int = 2):
         if max_on_disk < 1:
-            raise ValueError(f"max_on_disk={max_on_disk}: need at least 1")
+            raise UsageError(f"max_on_disk={max_on_disk}: need at least 1")
         self.refs = [r for r in refs if r.is_hub]
         self._slots = threading.Semaphore(max_on_disk)
         self._futures: dict[CheckpointRef, Future] = {r: Future() for r in self.refs}

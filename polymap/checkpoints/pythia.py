@@ -21,6 +21,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+from polymap.errors import UsageError
+
 ORG = "EleutherAI"
 PYTHIA_SIZES = ("14m", "31m", "70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b")
 POLYPYTHIA_SIZES = ("14m", "31m", "70m", "160m", "410m")
@@ -45,9 +47,9 @@ def pythia_eval_steps() -> list[int]:
 def pythia_repo(size: str, seed: int = 0, deduped: bool = False, variant: str = "seed") -> str:
     """Repository id of one run; seed 0 of the plain variant is the original Pythia run."""
     if size not in PYTHIA_SIZES:
-        raise ValueError(f"size={size!r} is not one of {PYTHIA_SIZES}")
+        raise UsageError(f"size={size!r} is not one of {PYTHIA_SIZES}")
     if variant not in ("seed", "data-seed", "weight-seed"):
-        raise ValueError(f"variant={variant!r} is not one of ('seed', 'data-seed', 'weight-seed')")
+        raise UsageError(f"variant={variant!r} is not one of ('seed', 'data-seed', 'weight-seed')")
     name = f"pythia-{size}" + ("-deduped" if deduped else "")
     if seed or variant != "seed":
         name += f"-{variant}{seed}"
@@ -59,7 +61,7 @@ def polypythias_repos(sizes: Iterable[str], seeds: Iterable[int] = POLYPYTHIA_SE
     out = []
     for size in sizes:
         if size not in POLYPYTHIA_SIZES:
-            raise ValueError(f"PolyPythias size {size!r} is not one of {POLYPYTHIA_SIZES}")
+            raise UsageError(f"PolyPythias size {size!r} is not one of {POLYPYTHIA_SIZES}")
         out.extend(pythia_repo(size, seed) for seed in seeds)
     return out
 

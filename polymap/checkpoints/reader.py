@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from polymap.errors import PolymapError
+
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 WEIGHT_FILE_PATTERNS = ("*.safetensors", SAFETENSORS_INDEX, "pytorch_model*.bin", BIN_INDEX)
@@ -62,7 +64,7 @@ def _safetensors_header(file: Path) -> tuple[dict, int]:
     return header, 8 + length
 
 
-class CheckpointError(Exception):
+class CheckpointError(PolymapError):
     """A checkpoint that cannot be read; the message names the file and the reason."""
 
 

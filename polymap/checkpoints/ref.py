@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from polymap.errors import PolymapError
+
 # Checkpoint directory names that carry a training step.
 _STEP_PATTERNS = (
     re.compile(r"^step[_-]?(\d+)$"),
@@ -19,7 +21,7 @@ HUB_SCHEME = "hf://"
 MAX_STEP = 2**63 - 1  # steps are stored as int64
 
 
-class RefError(ValueError):
+class RefError(PolymapError, ValueError):
     """An unusable run name or step; the message says which value and why."""
 
 

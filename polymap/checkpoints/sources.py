@@ -26,6 +26,7 @@ from polymap.checkpoints.pythia import (
 )
 from polymap.checkpoints.reader import CheckpointError, weight_files
 from polymap.checkpoints.ref import HUB_SCHEME, CheckpointRef
+from polymap.errors import UsageError
 
 
 def parse_int_list(text: str) -> list[int]:
@@ -44,7 +45,7 @@ def parse_int_list(text: str) -> list[int]:
             else:
                 out.append(int(part))
         except ValueError:
-            raise ValueError(f"cannot parse {part!r} in {text!r} (expected N or A-B)") from None
+            raise UsageError(f"cannot parse {part!r} in {text!r} (expected N or A-B)") from None
     return out
 
 

@@ -31,11 +31,12 @@ from tqdm.auto import tqdm
 
 from polymap.checkpoints import CheckpointError, CheckpointRef, as_refs, materialize
 from polymap.checkpoints.hub import parse_location
+from polymap.errors import PolymapError
 
 log = logging.getLogger(__name__)
 
 
-class HarnessError(RuntimeError):
+class HarnessError(PolymapError, RuntimeError):
     """lm-eval is missing, or a task cannot be found."""
 
 

@@ -47,6 +47,7 @@ from pathlib import Path
 import pandas as pd
 
 from polymap.checkpoints.ref import RefError, check_run, check_step, parse_step
+from polymap.errors import PolymapError
 from polymap.table import normalize
 
 FEATURE_SET = "eval"
@@ -84,7 +85,7 @@ class IngestReport:
         return not self.problems
 
 
-class EvalFileError(ValueError):
+class EvalFileError(PolymapError, ValueError):
     """A results file that cannot be used; the message names the file and the reason."""
 
 

@@ -19,6 +19,7 @@ import os
 import re
 from pathlib import Path
 
+from polymap.errors import PolymapError
 from polymap.suite.corpus import held_out_text
 
 DEFAULT_TASK = "suite_lastword"
@@ -91,7 +92,7 @@ def write_last_word_task(
     documents = [d.split(None, 1)[-1] for d in held_out_text(corpus)]
     examples = last_word_examples(documents, limit=limit)
     if not examples:
-        raise ValueError(f"{corpus or 'the suite corpus'}: no passages for a last-word task")
+        raise PolymapError(f"{corpus or 'the suite corpus'}: no passages for a last-word task")
     data = folder / f"{name}.jsonl"
     _atomic_write(data, "".join(json.dumps(e) + "\n" for e in examples))
     _atomic_write(

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from polymap.errors import PolymapError
 from polymap.phases.preprocess import PhaseInputError
 
 
-class ExportError(ValueError):
+class ExportError(PolymapError, ValueError):
     """Inputs that cannot be exported; the message says which and why."""
 
 

@@ -45,6 +45,7 @@ import torch
 
 from polymap.checkpoints.reader import TensorReader
 from polymap.checkpoints.ref import CheckpointRef
+from polymap.errors import PolymapError, UsageError
 from polymap.features.numerics import Moments, gram_eigenvalues
 from polymap.roles import Architecture, ParamRole
 
@@ -63,7 +64,7 @@ class CheckpointContext:
     probe: object | None = None  # polymap.features.probe.ProbeSpec for model-level sets
 
 
-class FeatureUnavailableError(RuntimeError):
+class FeatureUnavailableError(PolymapError, RuntimeError):
     """A feature set cannot be computed for this checkpoint (the reason is recorded)."""
 
 
@@ -209,7 +210,7 @@ DEFAULT_FEATURE_SETS = ("hu2023", "weights", "spectral")
 def register_feature_set(cls: type[FeatureSet]) -> type[FeatureSet]:
     """Class decorator: make a feature set available by its ``name``."""
     if not cls.name or "." in cls.name:
-        raise ValueError(f"feature set name {cls.name!r} must be non-empty and contain no '.'")
+        raise UsageError(f"feature set name {cls.name!r} must be non-empty and contain no '.'")
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -226,10 +227,10 @@ def get_feature_sets(names: str | list[str] | tuple[str, ...] | None) -> list[ty
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     if not names:
-        raise ValueError("no feature sets requested")
+        raise UsageError("no feature sets requested")
     unknown = [n for n in names if n not in _REGISTRY]
     if unknown:
-        raise ValueError(f"unknown feature set(s) {unknown}; available: {sorted(_REGISTRY)}")
+        raise UsageError(f"unknown feature set(s) {unknown}; available: {sorted(_REGISTRY)}")
     return [_REGISTRY[n] for n in dict.fromkeys(names)]
 
 

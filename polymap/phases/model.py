@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator
 
+from polymap.errors import UsageError
 from polymap.phases.preprocess import (
     PhaseInputError,
     Preprocessor,
@@ -120,15 +121,15 @@ class PhaseModel(BaseEstimator):
     # -- fitting -----------------------------------------------------------------------
     def _validate(self) -> list[int]:
         if self.covariance not in COVARIANCES:
-            raise ValueError(f"covariance={self.covariance!r} is not one of {COVARIANCES}")
+            raise UsageError(f"covariance={self.covariance!r} is not one of {COVARIANCES}")
         if self.n_states == "auto":
             ks = sorted({int(k) for k in self.states_range})
         elif isinstance(self.n_states, (int, np.integer)) and self.n_states >= 1:
             ks = [int(self.n_states)]
         else:
-            raise ValueError(f"n_states={self.n_states!r} must be 'auto' or a positive int")
+            raise UsageError(f"n_states={self.n_states!r} must be 'auto' or a positive int")
         if self.restarts < 1:
-            raise ValueError(f"restarts={self.restarts} must be at least 1")
+            raise UsageError(f"restarts={self.restarts} must be at least 1")
         return ks
 
     def fit(self, table: pd.DataFrame | str | Path) -> PhaseModel:

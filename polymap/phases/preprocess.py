@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from polymap.errors import PolymapError
 from polymap.table import feature_columns
 
 log = logging.getLogger(__name__)
 SCALES = ("global", "per-run")
 
 
-class PhaseInputError(ValueError):
+class PhaseInputError(PolymapError, ValueError):
     """A table the phase model cannot use; says why."""
 
 

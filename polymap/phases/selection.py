@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 from joblib import Parallel, delayed
 
+from polymap.phases.preprocess import PhaseInputError
+
 log = logging.getLogger(__name__)
 EMPTY_STATE_MASS = 1e-3  # fraction of checkpoints below which a state counts as empty
 
@@ -206,7 +208,7 @@ def choose_k(rows: list[dict], best: dict[int, FitResult]) -> tuple[int, str]:
     """
     usable = [r for r in rows if not r["degenerate"] and r["k"] in best]
     if not usable:
-        raise ValueError("every fit was degenerate; try fewer states or other features")
+        raise PhaseInputError("every fit was degenerate; try fewer states or other features")
     by_k: dict[int, dict] = {}
     for r in usable:
         if math.isfinite(r["heldout_ll"]) and (

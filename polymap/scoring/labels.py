@@ -47,6 +47,8 @@ import math
 import numpy as np
 import pandas as pd
 
+from polymap.errors import UsageError
+
 log = logging.getLogger(__name__)
 
 K_MAD = 5.0
@@ -161,10 +163,10 @@ def label_runs(
     """
     for column in ("run", "step", metric):
         if column not in table.columns:
-            raise ValueError(f"column {column!r} not in the table (has {list(table.columns)[:8]})")
+            raise UsageError(f"column {column!r} not in the table (has {list(table.columns)[:8]})")
     if group_by is not None:
         if group_by not in table.columns:
-            raise ValueError(f"--group-by {group_by!r}: no such column in the table")
+            raise UsageError(f"--group-by {group_by!r}: no such column in the table")
         parts, small = [], []
         for value, part in table.groupby(group_by, sort=True, dropna=False):
             if part["run"].nunique() < 3:

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from polymap.errors import PolymapError
 from polymap.phases import PhaseModel
 from polymap.phases.preprocess import PhaseInputError, usable_rows
 
@@ -57,7 +58,7 @@ FLAG_Z = 3.0
 SIGNALS = ("path", "likelihood", "deviation")
 
 
-class ScoringError(ValueError):
+class ScoringError(PolymapError, ValueError):
     """Inputs the scorer cannot use; says why."""
 
 

@@ -41,6 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from polymap.checkpoints.sources import parse_int_list
+from polymap.errors import PolymapError, UsageError
 from polymap.executors import die_with_parent
 from polymap.suite.corpus import CorpusError, load_corpus
 from polymap.suite.defects import DEFECTS, LEGACY, DefectError, parse_defect
@@ -72,8 +73,12 @@ __all__ = [
 ]
 
 
-class SuiteError(ValueError):
+class SuiteError(PolymapError, ValueError):
     """Bad suite arguments, or an output directory holding a different suite."""
+
+
+class SuiteUsageError(SuiteError, UsageError):
+    """A bad suite argument (sizes, seeds, steps, device, defect...)."""
 
 
 def _parse_seeds(seeds: str | Iterable[int]) -> list[int]:
@@ -81,11 +86,11 @@ def _parse_seeds(seeds: str | Iterable[int]) -> list[int]:
         try:
             parsed = parse_int_list(seeds)
         except ValueError as err:
-            raise SuiteError(f"seeds {seeds!r}: {err}") from None
+            raise SuiteUsageError(f"seeds {seeds!r}: {err}") from None
     else:
         parsed = [int(s) for s in seeds]
     if not parsed or any(s < 0 for s in parsed):
-        raise SuiteError(f"seeds {seeds!r}: need one or more non-negative integers")
+        raise SuiteUsageError(f"seeds {seeds!r}: need one or more non-negative integers")
     return sorted(set(parsed))
 
 
@@ -108,22 +113,22 @@ def run_specs(
         sizes = [s.strip() for s in sizes.split(",") if s.strip()]
     unknown = [s for s in sizes if s not in SIZES]
     if unknown or not sizes:
-        raise SuiteError(f"unknown size(s) {unknown or sizes}; available: {sorted(SIZES)}")
+        raise SuiteUsageError(f"unknown size(s) {unknown or sizes}; available: {sorted(SIZES)}")
     if vary not in ("seed", "data", "init"):
-        raise SuiteError(f"vary={vary!r} is not one of 'seed', 'data', 'init'")
+        raise SuiteUsageError(f"vary={vary!r} is not one of 'seed', 'data', 'init'")
     if steps < 20:
-        raise SuiteError(f"steps={steps}: need at least 20")
+        raise SuiteUsageError(f"steps={steps}: need at least 20")
     seed_list = _parse_seeds(seeds)
     planted = set(_parse_seeds(unstable)) if unstable not in ("", None, ()) else set()
     stray = planted - set(seed_list)
     if stray:
-        raise SuiteError(f"--unstable seeds {sorted(stray)} are not among --seeds {seed_list}")
+        raise SuiteUsageError(f"--unstable seeds {sorted(stray)} are not among --seeds {seed_list}")
     try:
         name, strength = parse_defect(defect or LEGACY)
     except DefectError as err:
-        raise SuiteError(str(err)) from None
+        raise SuiteUsageError(str(err)) from None
     if defect and not planted:
-        raise SuiteError(f"--defect {defect}: no --unstable seeds to plant it in")
+        raise SuiteUsageError(f"--defect {defect}: no --unstable seeds to plant it in")
     specs = []
     for size in sizes:
         for seed in seed_list:
@@ -193,7 +198,7 @@ def run_logs(directory: str | Path, log: str = "eval") -> pd.DataFrame:
     ``train_log.csv`` (``log="train"``: run, step, loss, lr, grad_norm, tokens) of a
     suite (or any ``DIR/<run>/`` layout with such logs) as one table."""
     if log not in ("eval", "train"):
-        raise SuiteError(f"log={log!r} is not one of 'eval', 'train'")
+        raise SuiteUsageError(f"log={log!r} is not one of 'eval', 'train'")
     files = sorted(Path(directory).glob(f"*/{log}_log.csv"))
     if not files:
         raise SuiteError(f"{directory}: no */{log}_log.csv files")
@@ -245,9 +250,9 @@ def _training_device(device: str) -> str:
     """``auto`` trains on the CPU: at these sizes a GPU is no faster, and CPU runs are
     bit-identical; ``cuda`` asks for the GPU explicitly."""
     if device not in ("auto", "cpu", "cuda"):
-        raise SuiteError(f"device={device!r} is not one of 'auto', 'cpu', 'cuda'")
+        raise SuiteUsageError(f"device={device!r} is not one of 'auto', 'cpu', 'cuda'")
     if device == "cuda" and not torch.cuda.is_available():
-        raise SuiteError("device='cuda' requested but no CUDA GPU is available")
+        raise SuiteUsageError("device='cuda' requested but no CUDA GPU is available")
     return "cuda" if device == "cuda" else "cpu"
 
 

@@ -16,11 +16,13 @@ from pathlib import Path
 
 import torch
 
+from polymap.errors import PolymapError
+
 EOS = "<|endoftext|>"
 VALIDATION_FRACTION = 0.1
 
 
-class CorpusError(ValueError):
+class CorpusError(PolymapError, ValueError):
     """An empty, unreadable or too small corpus."""
 
 

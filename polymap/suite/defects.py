@@ -24,8 +24,10 @@ from dataclasses import dataclass
 
 import torch
 
+from polymap.errors import UsageError
 
-class DefectError(ValueError):
+
+class DefectError(UsageError):
     """An unknown defect name or a strength outside its range."""
 
 

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from polymap.errors import UsageError
+
 DEMO_FEATURES = "hu2023,weights,spectral,evals_native"
 HORIZON = 0.25
 LM_EVAL_CHECKPOINTS = 8  # per run, spread over training
@@ -67,9 +69,9 @@ def run_demo(
 
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
+        raise UsageError(f"--out {out} exists and is not a directory")
     if seeds < MIN_SEEDS:  # checked before minutes of training, not at the scoring stage
-        raise ValueError(
+        raise UsageError(
             f"--seeds {seeds}: the demo needs at least {MIN_SEEDS} (each run is scored "
             "against the others: a reference needs 3 runs)"
         )

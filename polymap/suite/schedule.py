@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import math
 
+from polymap.errors import UsageError
+
 
 def checkpoint_steps(total: int, evenly: int = 30) -> list[int]:
     """Step 0, powers of two below the even interval, then every ``total / evenly`` steps
     to the end (Pythia: 0, 1, 2, ..., 512, then every 1000 to 143000)."""
     if total < 1:
-        raise ValueError(f"steps={total} must be at least 1")
+        raise UsageError(f"steps={total} must be at least 1")
     interval = max(1, round(total / evenly))
     steps = {0, total}
     power = 1
