@@ -34,6 +34,7 @@ from polymap.checkpoints import (
     CheckpointError,
     CheckpointRef,
     TensorReader,
+    architecture_signature,
     as_refs,
     fingerprint,
     hub,
@@ -77,6 +78,7 @@ def _base_row(ref: CheckpointRef, sets: Sequence[type[FeatureSet]]) -> dict:
         "error": None,
         "fingerprint": fingerprint(ref),
         "feature_sets": ",".join(s.name for s in sets),
+        "architecture": None,
     }
 
 
@@ -117,6 +119,7 @@ def extract_checkpoint(
             else:
                 if config is None:
                     warnings.append(f"{directory}: config.json missing; architecture from names")
+            row["architecture"] = architecture_signature(config)
             arch = detect_architecture(config, reader.names())
             model_type = (config or {}).get("model_type")
             if not is_known(arch):

@@ -39,6 +39,7 @@ META_COLUMNS = (
     "error",
     "fingerprint",
     "feature_sets",
+    "architecture",
 )
 STATUSES = ("ok", "warning", "nonfinite", "failed")
 
@@ -69,7 +70,7 @@ def normalize(df: pd.DataFrame) -> pd.DataFrame:
     df["step"] = pd.to_numeric(df["step"]).astype("int64")
     for column in ("seed", "tokens"):
         df[column] = pd.to_numeric(df[column]).astype("Int64")
-    for column in ("model", "status", "error", "fingerprint", "feature_sets"):
+    for column in ("model", "status", "error", "fingerprint", "feature_sets", "architecture"):
         df[column] = df[column].astype("string")
     df["status"] = df["status"].fillna("ok")
     features = feature_columns(df)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 
 import polymap
@@ -113,3 +114,48 @@ def test_help_and_describe_do_not_load_torch(tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.stdout.strip().splitlines()[-1] == "False"
+
+
+# -- API round trips --------------------------------------------------------------------------
+def test_phase_model_save_is_a_complete_model_dir(tmp_path, capsys):
+    from test_scoring import runs_table
+
+    from polymap.phases import PhaseModel
+    from polymap.scoring import score_runs
+
+    table = runs_table()
+    model = PhaseModel(n_states=3, restarts=1).fit(table)
+    model.save(tmp_path / "m")
+    assert main(["describe", str(tmp_path / "m")]) == 0
+    assert "Training map: 3 states" in capsys.readouterr().out
+    assert main(["export", str(tmp_path / "m"), "--out", str(tmp_path / "report"),
+                 "--format", "json,png"]) == 0  # fmt: skip
+    assert (tmp_path / "report" / "training_map.json").exists()
+    features = tmp_path / "features.parquet"
+    table.to_parquet(features)
+    assert main(["score", str(features), "--model", str(tmp_path / "m"), "--horizon", "0.25",
+                 "--out", str(tmp_path / "s.csv")]) == 0  # fmt: skip
+    # the first scorer takes the model (or its directory) instead of a bare K
+    by_model = score_runs(table, model, horizon=0.25)
+    by_dir = score_runs(table, tmp_path / "m", horizon=0.25)
+    assert by_model["run"].tolist() == by_dir["run"].tolist()
+
+
+def test_predict_is_aligned_to_the_input_index():
+    from test_scoring import runs_table
+
+    from polymap.phases import PhaseModel
+
+    table = runs_table()
+    model = PhaseModel(n_states=3, restarts=1).fit(table)
+    shuffled = table.sample(frac=1.0, random_state=0)
+    shuffled.loc[shuffled.index[0], "syn.f0"] = float("nan")  # one row cannot be decoded
+    paths = model.predict(shuffled)
+    assert paths.index.equals(shuffled.index)
+    assert (paths[["run", "step"]].values == shuffled[["run", "step"]].values).all()
+    assert paths["state"].isna().sum() == 1 and pd.isna(paths["state"].iloc[0])
+    sorted_paths = model.decode(table).set_index(["run", "step"])["state"]
+    by_key = paths.dropna().set_index(["run", "step"])["state"].astype(int)
+    assert (by_key == sorted_paths.loc[by_key.index]).all()
+    proba = model.predict_proba(shuffled)
+    assert proba.index.equals(shuffled.index) and proba["p0"].isna().sum() == 1

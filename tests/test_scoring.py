@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import types
 import warnings
 
 import numpy as np
@@ -278,17 +277,73 @@ def test_online_monitor_and_trainer_callback(tmp_path):
     assert not any(r["flagged"] for r in early)
     assert bad["risk"] >= 0.95 and bad["flagged"] and bad["p_value"] <= 0.05
     assert any(issubclass(w.category, InstabilityWarning) for w in caught)
-    callback = risk_callback(reference, tmp_path / "model", run="cb", stop=True)
-    control = types.SimpleNamespace(should_training_stop=False)
-    args = types.SimpleNamespace(output_dir=str(tmp_path / "out"))
-    state = types.SimpleNamespace(global_step=0, log_history=[])
-    for step in (1, 2, 4):
-        model.save_pretrained(tmp_path / "out" / f"checkpoint-{step}")
-        state.global_step = step
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            callback.on_save(args, state, control)
-    assert control.should_training_stop and state.log_history[-1]["polymap_risk"] >= 0.95
+    assert risk_callback(reference, tmp_path / "model").monitor is not None
+
+
+class _RandomTokens(__import__("torch").utils.data.Dataset):
+    def __init__(self, vocab: int, n: int = 64, length: int = 16):
+        import torch
+
+        self.ids = torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def _train(model, out, callback_args, max_steps=20):
+    from transformers import Trainer, TrainingArguments
+
+    from polymap.scoring.online import attach_risk_callback
+
+    args = TrainingArguments(
+        output_dir=str(out), max_steps=max_steps, save_steps=5, logging_steps=5,
+        per_device_train_batch_size=4, learning_rate=1e-2, report_to=["tensorboard"],
+        use_cpu=True, disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=_RandomTokens(model.config.vocab_size))
+    callback = attach_risk_callback(trainer, *callback_args)
+    trainer.train()
+    return trainer, callback
+
+
+def test_trainer_callback_reaches_tensorboard(tmp_path):
+    import polymap
+    from polymap.phases import fit_model_dir
+    from polymap.scoring.online import ArchitectureMismatchWarning
+    from polymap.synthetic import make_tiny_run, tiny_model
+
+    for seed in range(4):
+        make_tiny_run(tmp_path / "ref" / f"seed{seed}", steps=(0, 5, 10, 15, 20), seed=seed)
+    reference = polymap.extract(tmp_path / "ref", features="hu2023", device="cpu", progress=False)
+    (phase_model,) = fit_model_dir(reference, tmp_path / "model", n_states=1, restarts=1).values()
+    RiskScorer(phase_model=phase_model).fit(reference).save(tmp_path / "model")
+    trainer, callback = _train(tiny_model("gpt_neox", seed=7), tmp_path / "out",
+                               (reference, tmp_path / "model", "live"))  # fmt: skip
+    # through Trainer.log: in the log history and in the TensorBoard event file
+    logged = [h for h in trainer.state.log_history if "polymap/risk" in h]
+    assert [h["step"] for h in logged] == [5, 10, 15, 20]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = {p.parent for p in (tmp_path / "out").rglob("events.out.tfevents.*")}
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    # the Trainer's TensorBoard logger files training-time metrics under train/
+    assert {"train/polymap/risk", "train/polymap/p_value", "train/polymap/flagged"} <= set(
+        accumulator.Tags()["scalars"]
+    )
+    risks = accumulator.Scalars("train/polymap/risk")
+    assert [e.step for e in risks] == [5, 10, 15, 20]
+    assert [e.value for e in risks] == pytest.approx([h["polymap/risk"] for h in logged])
+    seconds = [r["seconds"] for r in callback.monitor.risks]
+    print(f"\nscoring seconds per save: {[round(s, 3) for s in seconds]}")
+    # a model of another architecture is not scored (warned once)
+    with pytest.warns(ArchitectureMismatchWarning, match="not comparable"):
+        other, _ = _train(tiny_model("gpt2", seed=7), tmp_path / "gpt2",
+                          (reference, tmp_path / "model", "gpt2"), max_steps=10)  # fmt: skip
+    assert not [h for h in other.state.log_history if "polymap/risk" in h]
 
 
 # -- labels on eval scores: noise, scale, floor; like with like ------------------------------

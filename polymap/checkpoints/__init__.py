@@ -12,6 +12,7 @@ from polymap.checkpoints.reader import (
     CheckpointError,
     TensorReader,
     UnsafeCheckpointError,
+    architecture_signature,
     read_config,
 )
 from polymap.checkpoints.ref import CheckpointRef, parse_step
@@ -24,6 +25,7 @@ from polymap.checkpoints.sources import (
 )
 
 __all__ = [
+    "architecture_signature",
     "as_refs",
     "CheckpointError",
     "CheckpointRef",

@@ -111,6 +111,25 @@ def _read_index(index: Path) -> dict[str, str]:
     return weight_map
 
 
+def architecture_signature(config: dict | None) -> str | None:
+    """What two checkpoints must share to be compared feature by feature: model type,
+    width, depth and vocabulary (the tokenizer's size), from ``config.json``.
+
+    >>> architecture_signature({"model_type": "gpt_neox", "hidden_size": 64,
+    ...                         "num_hidden_layers": 2, "vocab_size": 512})
+    'gpt_neox d=64 L=2 V=512'
+    """
+    if not config:
+        return None
+
+    def first(*keys):
+        return next((config[k] for k in keys if config.get(k) is not None), "?")
+
+    width = first("hidden_size", "n_embd", "d_model", "dim")
+    depth = first("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+    return f"{config.get('model_type', '?')} d={width} L={depth} V={first('vocab_size')}"
+
+
 def read_config(directory: Path) -> dict | None:
     """``config.json`` as a dict, or None when absent. Raises on unreadable JSON."""
     path = Path(directory) / "config.json"

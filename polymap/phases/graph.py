@@ -100,7 +100,7 @@ def training_map(model, table: pd.DataFrame, paths: pd.DataFrame | None = None) 
 
     table = usable_rows(table)
     if paths is None:
-        paths = model.predict(table)
+        paths = model.decode(table)
     k = model.n_states_
     features = model.preprocessor_.features
     merged = paths.merge(table[["run", "step", *features]], on=["run", "step"], how="left")
@@ -179,14 +179,15 @@ def write_model_dir(model, table: pd.DataFrame, directory: str | Path) -> Path:
     """Save the model and its products: ``model.json``, ``arrays.npz``, ``selection.csv``,
     ``paths.csv``, ``posteriors.parquet``, ``graph.json`` and ``table.parquet`` (the
     training table, which ``polymap export`` draws metrics and features from)."""
+    from polymap.phases.io import save_model
     from polymap.table import write_table
 
     directory = Path(directory)
-    model.save(directory)
+    save_model(model, directory)
     write_table(table, directory / "table.parquet")
-    paths = model.predict(table)
+    paths = model.decode(table)
     paths.to_csv(directory / "paths.csv", index=False)
-    model.predict_proba(table).to_parquet(directory / "posteriors.parquet", index=False)
+    model.posteriors(table).to_parquet(directory / "posteriors.parquet", index=False)
     graph = training_map(model, table, paths)
     (directory / "graph.json").write_text(json.dumps(graph, indent=1))
     return directory

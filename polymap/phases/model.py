@@ -47,6 +47,14 @@ def _as_table(table: pd.DataFrame | str | Path) -> pd.DataFrame:
     return table
 
 
+def _aligned(frame: pd.DataFrame, result: pd.DataFrame) -> pd.DataFrame:
+    """``result`` (keyed by run and step) in the rows and index of ``frame``."""
+    keys = frame[["run", "step"]].astype({"run": str})
+    out = keys.merge(result.astype({"run": str}), on=["run", "step"], how="left")
+    out.index = frame.index
+    return out
+
+
 def _lengths(table: pd.DataFrame) -> list[int]:
     return table.groupby("run", sort=False).size().tolist()
 
@@ -198,20 +206,37 @@ class PhaseModel(BaseEstimator):
             raise PhaseInputError("no complete rows to predict")
         return table, X, _lengths(table)
 
-    def predict(self, table: pd.DataFrame | str | Path) -> pd.DataFrame:
-        """Viterbi paths: ``run, step, state``."""
+    def decode(self, table: pd.DataFrame | str | Path) -> pd.DataFrame:
+        """Viterbi paths of the complete rows, ordered by run and step: ``run, step,
+        state`` (what the training map and the scorer use)."""
         table, X, lengths = self._prepare(table)
         _, states = self.hmm_.decode(X, lengths)
         return pd.DataFrame({"run": table["run"], "step": table["step"], "state": states})
 
-    def predict_proba(self, table: pd.DataFrame | str | Path) -> pd.DataFrame:
-        """Posterior state probabilities: ``run, step, p0, p1, ...``."""
+    def posteriors(self, table: pd.DataFrame | str | Path) -> pd.DataFrame:
+        """Posterior state probabilities of the complete rows, ordered by run and step:
+        ``run, step, p0, p1, ...``."""
         table, X, lengths = self._prepare(table)
         post = self.hmm_.predict_proba(X, lengths)
         out = pd.DataFrame(post, columns=[f"p{i}" for i in range(post.shape[1])])
         out.insert(0, "step", table["step"].to_numpy())
         out.insert(0, "run", table["run"].to_numpy())
         return out
+
+    def predict(self, table: pd.DataFrame | str | Path) -> pd.DataFrame:
+        """Viterbi paths ``run, step, state``, one row per input row, aligned to the
+        input's index (as scikit-learn's ``predict``); ``state`` is int64, or nullable
+        ``Int64`` with ``<NA>`` where a row could not be decoded (a missing feature value)."""
+        frame = _as_table(table)
+        out = _aligned(frame, self.decode(frame))
+        # int64 states; the nullable Int64 only when some row has none
+        return out.astype({"state": "Int64" if out["state"].isna().any() else "int64"})
+
+    def predict_proba(self, table: pd.DataFrame | str | Path) -> pd.DataFrame:
+        """Posterior state probabilities ``run, step, p0, p1, ...`` aligned to the
+        input's index (NaN for a row that could not be decoded)."""
+        frame = _as_table(table)
+        return _aligned(frame, self.posteriors(frame))
 
     def score(self, table: pd.DataFrame | str | Path) -> float:
         """Mean log-likelihood per checkpoint."""
@@ -233,10 +258,16 @@ class PhaseModel(BaseEstimator):
 
     # -- persistence -------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
-        """Write ``model.json`` + ``arrays.npz`` (no pickles) and ``selection.csv``."""
+        """Write a MODEL_DIR: ``model.json`` + ``arrays.npz`` (no pickles),
+        ``selection.csv`` and, for a model fitted in this session, the training map
+        (``graph.json``, ``paths.csv``, ``posteriors.parquet``, ``table.parquet``), so
+        ``polymap describe``, ``export`` and ``score`` accept it."""
+        from polymap.phases.graph import write_model_dir
         from polymap.phases.io import save_model
 
         self._check_fitted()
+        if hasattr(self, "train_table_"):
+            return write_model_dir(self, self.train_table_, Path(directory))
         return save_model(self, Path(directory))
 
     @classmethod

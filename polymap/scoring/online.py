@@ -3,26 +3,35 @@
 
 At each save the live model's features are extracted (the same feature sets as the
 reference table), appended to the run's history, and the run is scored against the
-reference runs with every checkpoint so far (``until_step`` = the current step). The
-risk is logged; when the run is flagged (``p_value <= alpha``, the saved scorer's
-calibrated decision) a warning is issued and, with ``stop=True``, training is asked to
-stop.
+reference runs with every checkpoint so far (``until_step`` = the current step) by the
+scorer ``polymap fit`` saved (nothing is refitted, so the first save costs what a later
+one does). When the run is flagged (``p_value <= alpha``) an ``InstabilityWarning`` is
+issued and, with ``stop=True``, training is asked to stop. A checkpoint whose model type,
+width, depth or vocabulary differ from the reference runs' is not scored (one
+``ArchitectureMismatchWarning``); a step with nothing comparable in the reference is
+never flagged.
+
+In a ``Trainer``, the scores go through ``Trainer.log`` - the path every integration reads
+(TensorBoard, W&B, MLflow, CSV) - as ``polymap/risk``, ``polymap/p_value``,
+``polymap/flagged`` and ``polymap/deviation``; only the main process scores.
 
 >>> monitor = RiskMonitor("reference.parquet", "model/", run="my-run")   # doctest: +SKIP
 >>> monitor.observe(model, step=1000)                                    # doctest: +SKIP
 {'run': 'my-run', 'step': 1000, 'risk': 0.03, 'flagged': False, ...}
+>>> callback = attach_risk_callback(trainer, "reference.parquet", "model/")  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
 import pandas as pd
 
-from polymap.checkpoints import CheckpointRef
+from polymap.checkpoints import CheckpointError, CheckpointRef, architecture_signature, read_config
 from polymap.extraction import extract_checkpoint
 from polymap.table import feature_columns, read_table
 
@@ -31,6 +40,13 @@ log = logging.getLogger(__name__)
 
 class InstabilityWarning(UserWarning):
     """A live run's risk crossed the threshold."""
+
+
+class ArchitectureMismatchWarning(UserWarning):
+    """The live model is not comparable with the reference runs; it is not scored."""
+
+
+METRICS = ("risk", "p_value", "flagged", "deviation")
 
 
 class RiskMonitor:
@@ -56,9 +72,36 @@ class RiskMonitor:
         self.run, self.alpha, self.device = run, alpha, device
         self.history: list[dict] = []
         self.risks: list[dict] = []
+        signatures = self.reference.get("architecture", pd.Series(dtype=object)).dropna()
+        self.reference_architecture = signatures.mode().iloc[0] if len(signatures) else None
+        self.mismatch: str | None = None
+
+    def _comparable(self, directory: str | Path) -> bool:
+        """False (warned once) when the live checkpoint's architecture signature differs
+        from the reference runs'."""
+        if self.mismatch is not None:
+            return False
+        if self.reference_architecture is None:
+            return True  # a reference table from before signatures were recorded
+        try:
+            live = architecture_signature(read_config(Path(directory)))
+        except CheckpointError:
+            live = None
+        if live is None or live == self.reference_architecture:
+            return True
+        self.mismatch = (
+            f"run {self.run!r} is {live}, the reference runs are {self.reference_architecture}: "
+            "not comparable, so not scored"
+        )
+        warnings.warn(self.mismatch, ArchitectureMismatchWarning, stacklevel=3)
+        return False
 
     def observe_checkpoint(self, directory: str | Path, step: int) -> dict:
-        """Score after a checkpoint saved in ``directory`` (a Hugging Face model dir)."""
+        """Score after a checkpoint saved in ``directory`` (a Hugging Face model dir).
+        Returns ``{"run", "step", "skipped": reason}`` when it is not comparable."""
+        if not self._comparable(directory):
+            return {"run": self.run, "step": int(step), "skipped": self.mismatch}
+        started = time.perf_counter()
         ref = CheckpointRef(self.run, int(step), str(directory))
         row = extract_checkpoint(ref, self.feature_sets, self.device)
         self.history.append(row)
@@ -81,6 +124,7 @@ class RiskMonitor:
                 )
             },
         }
+        result["seconds"] = time.perf_counter() - started
         self.risks.append(result)
         log.info("polymap risk at step %d: %.3f", step, result["risk"])
         if result["flagged"]:
@@ -100,20 +144,60 @@ class RiskMonitor:
 
 
 def risk_callback(reference, model_dir, run: str = "live", alpha: float = 0.05, stop: bool = False):
-    """A ``transformers.TrainerCallback`` that scores every checkpoint the Trainer saves."""
+    """A ``transformers.TrainerCallback`` that scores every checkpoint the Trainer saves.
+
+    Bind it to its Trainer (:func:`attach_risk_callback` does both) so the scores go
+    through ``Trainer.log`` to every integration; unbound, they are appended to
+    ``state.log_history`` only (warned once).
+    """
     from transformers import TrainerCallback
 
     monitor = RiskMonitor(reference, model_dir, run, alpha)
 
     class PolymapRiskCallback(TrainerCallback):
+        def __init__(self):
+            self.monitor = monitor
+            self.trainer = None
+            self._warned_unbound = False
+
+        def bind(self, trainer) -> PolymapRiskCallback:
+            self.trainer = trainer
+            return self
+
         def on_save(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:  # one scorer per job, not one per rank
+                return control
             directory = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             result = monitor.observe_checkpoint(directory, state.global_step)
-            state.log_history.append({"step": state.global_step, "polymap_risk": result["risk"]})
+            if "skipped" in result:
+                return control
+            metrics = {f"polymap/{k}": float(result[k]) for k in METRICS}
+            if self.trainer is not None:
+                self.trainer.log(metrics)  # -> on_log of TensorBoard, W&B, MLflow, ...
+            else:
+                if not self._warned_unbound:
+                    warnings.warn(
+                        "polymap risk callback not bound to its Trainer: scores go to "
+                        "state.log_history only; use attach_risk_callback(trainer, ...)",
+                        stacklevel=2,
+                    )
+                    self._warned_unbound = True
+                state.log_history.append({**metrics, "step": state.global_step})
             if stop and result["flagged"]:
                 control.should_training_stop = True
             return control
 
-    callback = PolymapRiskCallback()
-    callback.monitor = monitor
+    return PolymapRiskCallback()
+
+
+def attach_risk_callback(
+    trainer, reference, model_dir, run: str = "live", alpha: float = 0.05, stop: bool = False
+):
+    """Create the risk callback, bind it to ``trainer`` and add it; returns it.
+
+    >>> callback = attach_risk_callback(trainer, "reference.parquet", "model/")  # doctest: +SKIP
+    >>> trainer.train()                                                        # doctest: +SKIP
+    """
+    callback = risk_callback(reference, model_dir, run, alpha, stop).bind(trainer)
+    trainer.add_callback(callback)
     return callback

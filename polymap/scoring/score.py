@@ -43,6 +43,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -176,7 +177,7 @@ def _signals(
         return _Signals(math.nan, math.nan, math.nan, None, "no checkpoint before the horizon")
     per_ckpt = model.score_checkpoints(target)
     likelihood = -float(per_ckpt["loglik"].mean())
-    path = path_divergence(model.predict(target), others_paths)
+    path = path_divergence(model.decode(target), others_paths)
     deviation, per = feature_deviation(target, others, features)
     hits = per[per["value"] >= DEVIATION_Z]
     first = int(hits["step"].iloc[0]) if len(hits) else None
@@ -191,7 +192,7 @@ def _signals(
 
 def score_runs(
     reference: pd.DataFrame,
-    n_states: int,
+    n_states,
     targets: pd.DataFrame | None = None,
     horizon: float | None = None,
     until_step: int | None = None,
@@ -205,10 +206,21 @@ def score_runs(
     ``cache`` (a dict kept by the caller) reuses the leave-one-out models and the
     reference runs' signals between calls with the same reference (online scoring).
 
+    ``n_states``: K as an int, a fitted :class:`PhaseModel`, or a MODEL_DIR path (its
+    K and features are used). This is the first scorer, kept as the benchmarks'
+    baseline; :class:`polymap.scoring.RiskScorer` is the one to use.
+
     Returns SCORES: ``run, risk, flagged, combined, path, likelihood, deviation,
     path_z, likelihood_z, deviation_z, first_deviation_step, horizon_step,
     n_checkpoints, explanation``.
     """
+    if isinstance(n_states, (str, Path)):
+        n_states = PhaseModel.load(n_states)
+    if isinstance(n_states, PhaseModel):
+        features = features if features is not None else n_states.preprocessor_.features
+        n_states = int(n_states.n_states_)
+    if isinstance(n_states, bool) or not isinstance(n_states, (int, np.integer)) or n_states < 1:
+        raise ScoringError(f"n_states={n_states!r}: give K, a fitted PhaseModel or a MODEL_DIR")
     reference = usable_rows(reference)
     runs = reference["run"].unique().tolist()
     if len(runs) < 3:
@@ -255,7 +267,7 @@ def score_runs(
         if missing:
             raise ScoringError(f"target lacks reference feature(s) {missing[:5]}")
         return _signals(
-            model, target[target["step"] <= cut], others_cut, feats, model.predict(others_cut)
+            model, target[target["step"] <= cut], others_cut, feats, model.decode(others_cut)
         )
 
     ref_cache = cache.setdefault("reference_signals", {})

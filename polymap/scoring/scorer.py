@@ -603,7 +603,7 @@ class RiskScorer(BaseEstimator):
         try:
             loglik = model.score_checkpoints(target, clip=self.z_clip)["loglik"].to_numpy()
             out["likelihood"] = lasting_mean(persistent(-loglik, self.persistence))
-            path = model.predict(target)
+            path = model.decode(target)
             per_path, timing = path_disagreement(path, others_paths)
             if len(per_path):
                 out["path"] = lasting_mean(persistent(per_path, self.persistence)) + timing
@@ -704,7 +704,8 @@ class RiskScorer(BaseEstimator):
         )
         dev = sig["deviation"]
         row["p_conformal"] = _conformal(dev, dev_pool) if math.isfinite(dev) else 1.0
-        flagged = p_value <= self.alpha and n > 0
+        comparable = "_per" in sig  # some checkpoint had reference runs at its step
+        flagged = p_value <= self.alpha and n > 0 and comparable
         first = _first_flag_step(sig, null, run, self.alpha / counted) if flagged else None
         if flagged and first is None:
             first = cut
@@ -958,7 +959,7 @@ def _states_by_row(reference: pd.DataFrame, paths: pd.DataFrame) -> np.ndarray:
 
 def _safe_predict(model: PhaseModel, table: pd.DataFrame) -> pd.DataFrame:
     try:
-        return model.predict(table)
+        return model.decode(table)
     except PhaseInputError:
         return pd.DataFrame(columns=["run", "step", "state"])
 
