@@ -1,14 +1,28 @@
-"""Latent training phases: preprocessing, HMM fitting and selection, the training map."""
+"""Latent training phases: preprocessing, HMM fitting and selection, the training map.
 
-from polymap.phases.graph import describe, fit_model_dir, training_map, write_model_dir
-from polymap.phases.model import PhaseModel
-from polymap.phases.preprocess import PhaseInputError
+Imported on first use (PEP 562): ``describe`` reads a MODEL_DIR without loading
+scikit-learn or hmmlearn.
+"""
 
-__all__ = [
-    "PhaseInputError",
-    "PhaseModel",
-    "describe",
-    "fit_model_dir",
-    "training_map",
-    "write_model_dir",
-]
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "PhaseInputError": "polymap.phases.preprocess",
+    "PhaseModel": "polymap.phases.model",
+    "describe": "polymap.phases.graph",
+    "fit_model_dir": "polymap.phases.graph",
+    "training_map": "polymap.phases.graph",
+    "write_model_dir": "polymap.phases.graph",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'polymap.phases' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value

@@ -225,9 +225,9 @@ def fit_model_dir(
 def describe(directory: str | Path) -> str:
     """A readable account of a model directory: chosen K and why, the states, when runs
     enter them, transitions and detours."""
-    directory = Path(directory)
-    from polymap.phases.model import PhaseModel
+    from polymap.phases.io import _read_selection, read_model_files
 
+    directory = Path(directory)
     groups = directory / "groups.json"
     if groups.exists():
         spec = json.loads(groups.read_text())
@@ -235,27 +235,29 @@ def describe(directory: str | Path) -> str:
             f"== {spec['group_by']} = {g} ==\n" + describe(directory / g) for g in spec["groups"]
         )
 
-    model = PhaseModel.load(directory)
-    graph = read_graph(directory, model.n_states_)
+    # the checked files, not a PhaseModel: no scikit-learn or hmmlearn to import
+    meta, _ = read_model_files(directory)
+    k = meta["n_states"]
+    graph = read_graph(directory, k)
     lines = [
         f"Training map: {graph['n_states']} states over "
-        f"{len(model.train_runs_)} run(s), {len(graph['features'])} feature(s) "
-        f"(scale: {model.preprocessor_.scale}, covariance: {model.hmm_.covariance_type}).",
+        f"{len(meta['train_runs'])} run(s), {len(graph['features'])} feature(s) "
+        f"(scale: {meta['preprocessing']['scale']}, covariance: {meta['covariance']}).",
         f"Why K={graph['n_states']}: {graph['reason']}.",
     ]
-    sel = model.selection_
-    k_likelihood = getattr(model, "n_states_likelihood_", model.n_states_)
+    sel = _read_selection(directory / "selection.csv")
+    k_likelihood = meta.get("n_states_likelihood", k)
+    k_likelihood = k_likelihood if isinstance(k_likelihood, int) else k
     noise = "noise_separation" in sel.columns and sel["noise_separation"].notna().any()
-    if noise or k_likelihood != model.n_states_:
+    if noise or k_likelihood != k:
         lines.append(
-            f"K with the measurement-noise rule: {model.n_states_}; by held-out likelihood "
-            f"alone: {k_likelihood}."
+            f"K with the measurement-noise rule: {k}; by held-out likelihood alone: {k_likelihood}."
         )
     if not sel.empty:
         lines.append("Model selection (best restart per K):")
         header = "    K   heldout_ll/ckpt   train_ll/ckpt        BIC  converged  degenerate"
         lines.append(header + ("   closest pair (SE)" if noise else ""))
-        for k, grp in sel.groupby("k"):
+        for kk, grp in sel.groupby("k"):
             ok = grp[~grp["degenerate"]]
             best = (
                 ok.loc[ok["heldout_ll"].idxmax()]
@@ -263,14 +265,14 @@ def describe(directory: str | Path) -> str:
                 else (ok.iloc[0] if len(ok) else grp.iloc[0])
             )
             mark = " <- chosen" if grp["chosen"].any() else ""
-            if k == k_likelihood and k != model.n_states_:
+            if kk == k_likelihood and kk != k:
                 mark = " <- likelihood's choice"
             separation = ""
             if noise:
                 value = grp["noise_separation"].dropna()
                 separation = f"   {value.iloc[0]:>17.1f}" if len(value) else " " * 20
             lines.append(
-                f"  {k:>3}   {best['heldout_ll']:>15.3f}   {best['train_ll']:>13.3f}"
+                f"  {kk:>3}   {best['heldout_ll']:>15.3f}   {best['train_ll']:>13.3f}"
                 f"   {best['bic']:>8.0f}   {int(grp['converged'].sum())}/{len(grp)}"
                 f"        {int(grp['degenerate'].sum())}{separation}{mark}"
             )

@@ -183,7 +183,7 @@ def model_from_arrays(cls, meta: dict, arrays: dict[str, np.ndarray], where: str
 
 
 def save_model(model, directory: Path) -> Path:
-    from polymap.phases.model import FORMAT, FORMAT_VERSION
+    from polymap.phases.model_format import FORMAT, FORMAT_VERSION
 
     directory.mkdir(parents=True, exist_ok=True)
     arrays = model_arrays(model)
@@ -233,8 +233,10 @@ def read_arrays(path: Path) -> dict[str, np.ndarray]:
         raise PhaseInputError(f"{path}: unreadable ({type(err).__name__}: {err})") from err
 
 
-def load_model(cls, directory: Path):
-    from polymap.phases.model import FORMAT, FORMAT_VERSION
+def read_model_files(directory: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """``model.json`` and ``arrays.npz`` of a MODEL_DIR, checked (:func:`check_model`)
+    without building a model: what ``describe`` needs, with numpy only."""
+    from polymap.phases.model_format import FORMAT, FORMAT_VERSION
 
     path = directory / MODEL_JSON
     if not path.exists():
@@ -253,10 +255,16 @@ def load_model(cls, directory: Path):
             f"polymap (reads version {FORMAT_VERSION}); refit with `polymap fit`"
         )
     arrays = read_arrays(directory / ARRAYS)
-    model = model_from_arrays(cls, meta, arrays, str(directory))
+    check_model(meta, arrays, str(directory))
     for key, kind in (("reason", str), ("n_degenerate", int), ("n_not_converged", int)):
         if not isinstance(meta.get(key), kind):
             raise PhaseInputError(f"{path}: {key!r} is missing or not a {kind.__name__}")
+    return meta, arrays
+
+
+def load_model(cls, directory: Path):
+    meta, arrays = read_model_files(directory)
+    model = model_from_arrays(cls, meta, arrays, str(directory))
     model.reason_ = meta["reason"]
     k_likelihood = meta.get("n_states_likelihood", model.n_states_)
     model.n_states_likelihood_ = k_likelihood if isinstance(k_likelihood, int) else model.n_states_

@@ -34,8 +34,8 @@ from polymap.phases.preprocess import (
 from polymap.phases.selection import choose_k, select
 
 log = logging.getLogger(__name__)
-FORMAT = "polymap.PhaseModel"
-FORMAT_VERSION = 1
+from polymap.phases.model_format import FORMAT, FORMAT_VERSION  # noqa: E402,F401 (re-export)
+
 COVARIANCES = ("diag", "full")
 
 
