@@ -140,7 +140,7 @@ def _features(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from polymap.suite.demo import run_demo, summary_text
 
-    summary = run_demo(args.out, seeds=args.seeds, steps=args.steps, jobs=args.jobs,
+    summary = run_demo(args.out, seeds=args.n_seeds, steps=args.train_steps, jobs=args.jobs,
                        lm_eval=not args.no_lm_eval)  # fmt: skip
     print()
     print(summary_text(summary))
@@ -182,7 +182,7 @@ def _suite(args: argparse.Namespace) -> int:
         args.out,
         sizes=args.sizes,
         seeds=args.seeds,
-        steps=args.steps,
+        steps=args.train_steps,
         corpus=args.corpus,
         vary=args.vary,
         unstable=args.unstable,
@@ -500,6 +500,25 @@ _COMMON.add_argument(
 )  # fmt: skip
 
 
+class _Deprecated(argparse.Action):
+    """Stores the value; warns when the old spelling ``old`` was used (one flag name, one
+    meaning across verbs: ``--steps`` filters checkpoints, ``--seeds`` lists seeds)."""
+
+    def __init__(self, option_strings, dest, old: str, **kwargs):
+        self.old = old
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string == self.old:
+            new = next(o for o in self.option_strings if o != self.old)
+            print(
+                f"polymap: {self.old} is deprecated here, use {new} (it will be removed in the "
+                "next release)",
+                file=sys.stderr,
+            )
+        setattr(namespace, self.dest, values)
+
+
 class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
     """Shows ``(default: X)`` where there is a default worth showing (not None/False)."""
 
@@ -682,7 +701,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="suite directory")
     p.add_argument("--sizes", default="nano", help="comma list of pico, nano, micro")
     p.add_argument("--seeds", default="0-9", help="seed list/ranges, e.g. 0-9 or 1,3,5")
-    p.add_argument("--steps", type=_at_least(1), default=400, help="training steps per run")
+    p.add_argument(
+        "--train-steps", "--steps", dest="train_steps", type=_at_least(1), default=400,
+        action=_Deprecated, old="--steps", help="training steps per run",
+    )  # fmt: skip
     p.add_argument("--corpus", default=None, help="text file (default: Python's doc topics)")
     p.add_argument(
         "--vary", default="seed", choices=["seed", "data", "init"], help="what the seed changes"
@@ -703,8 +725,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _verb(sub, "demo", help="the whole pipeline on the built-in suite")
     p.add_argument("--out", default="demo-out", help="output directory")
-    p.add_argument("--seeds", type=_at_least(3), default=10, help="number of seeds in the suite")
-    p.add_argument("--steps", type=_at_least(1), default=400, help="training steps per run")
+    p.add_argument(
+        "--n-seeds", "--seeds", dest="n_seeds", type=_at_least(3), default=10,
+        action=_Deprecated, old="--seeds", help="number of seeds in the suite (0..N-1)",
+    )  # fmt: skip
+    p.add_argument(
+        "--train-steps", "--steps", dest="train_steps", type=_at_least(1), default=400,
+        action=_Deprecated, old="--steps", help="training steps per run",
+    )  # fmt: skip
     p.add_argument("--jobs", type=_jobs, default=2, help="runs trained in parallel")
     p.add_argument("--no-lm-eval", action="store_true", help="skip the lm-eval stage")
     p.set_defaults(func=_demo, out_kind="dir")

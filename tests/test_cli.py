@@ -159,3 +159,16 @@ def test_predict_is_aligned_to_the_input_index():
     assert (by_key == sorted_paths.loc[by_key.index]).all()
     proba = model.predict_proba(shuffled)
     assert proba.index.equals(shuffled.index) and proba["p0"].isna().sum() == 1
+
+
+def test_one_meaning_per_flag_with_deprecated_aliases(capsys):
+    parser = cli.build_parser()
+    args = parser.parse_args(["demo", "--n-seeds", "5", "--train-steps", "30"])
+    assert (args.n_seeds, args.train_steps) == (5, 30)
+    assert capsys.readouterr().err == ""
+    old = parser.parse_args(["demo", "--seeds", "5", "--steps", "30"])  # old spellings
+    assert (old.n_seeds, old.train_steps) == (5, 30)
+    err = capsys.readouterr().err
+    assert "--seeds is deprecated here, use --n-seeds" in err and "use --train-steps" in err
+    suite = parser.parse_args(["suite", "--out", "s", "--seeds", "0-4", "--train-steps", "40"])
+    assert (suite.seeds, suite.train_steps) == ("0-4", 40)  # --seeds: a list, everywhere

@@ -541,7 +541,8 @@ def test_missing_and_conflicting_tables(tmp_path, capsys):
         (["extract", "x", "--out", "f.parquet", "--jobs", "-4"], "--jobs"),
         (["extract", "x", "--out", "f.parquet", "--retries", "-1"], "--retries"),
         (["suite", "--out", "s", "--jobs", "0"], "--jobs"),
-        (["demo", "--seeds", "2"], "--seeds"),
+        (["demo", "--n-seeds", "2"], "--n-seeds"),
+        (["demo", "--seeds", "2"], "--n-seeds"),  # the deprecated spelling
         (["fit", "f.parquet", "--out", "m", "--restarts", "0"], "--restarts"),
     ],
 )

@@ -126,7 +126,10 @@ def test_measure_instability(tmp_path):
 
 def test_demo_reduced_configuration(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--seeds", "3", "--steps", "24", "--jobs", "1"]) == 0
+    assert (
+        main(["demo", "--out", str(out), "--n-seeds", "3", "--train-steps", "24", "--jobs", "1"])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "Training map: K=" in printed and "Risk at 25% of training" in printed
     assert "nano-seed2" in printed
@@ -156,7 +159,10 @@ def test_demo_reduced_configuration(tmp_path, capsys):
         assert (report / name).stat().st_size > 0, name
     # A second run reuses the suite, the table and lm-eval's results.
     capsys.readouterr()
-    assert main(["demo", "--out", str(out), "--seeds", "3", "--steps", "24", "--jobs", "1"]) == 0
+    assert (
+        main(["demo", "--out", str(out), "--n-seeds", "3", "--train-steps", "24", "--jobs", "1"])
+        == 0
+    )
     assert len(list((out / "lm-eval" / "results").rglob("results_*.json"))) == 24  # none redone
     _run_notebook(out)
 

@@ -72,7 +72,7 @@ def run_demo(
         raise UsageError(f"--out {out} exists and is not a directory")
     if seeds < MIN_SEEDS:  # checked before minutes of training, not at the scoring stage
         raise UsageError(
-            f"--seeds {seeds}: the demo needs at least {MIN_SEEDS} (each run is scored "
+            f"--n-seeds {seeds}: the demo needs at least {MIN_SEEDS} (each run is scored "
             "against the others: a reference needs 3 runs)"
         )
     started = time.perf_counter()
