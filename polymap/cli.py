@@ -218,6 +218,7 @@ def _fit(args: argparse.Namespace) -> int:
         scale=args.scale,
         n_jobs=args.jobs,
         random_state=args.seed,
+        progress=not args.quiet,
     )
     from polymap.scoring import RiskScorer, ScoringError
 

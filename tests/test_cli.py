@@ -172,3 +172,13 @@ def test_one_meaning_per_flag_with_deprecated_aliases(capsys):
     assert "--seeds is deprecated here, use --n-seeds" in err and "use --train-steps" in err
     suite = parser.parse_args(["suite", "--out", "s", "--seeds", "0-4", "--train-steps", "40"])
     assert (suite.seeds, suite.train_steps) == ("0-4", 40)  # --seeds: a list, everywhere
+
+
+def test_label_missing_metric_lists_metric_columns(tmp_path, capsys):
+    table = pd.DataFrame({"run": ["a", "b"], "step": [1, 1], "seed": [0, 1],
+                          "eval.piqa.acc": [0.5, 0.6], "val_loss": [3.0, 3.1]})  # fmt: skip
+    table.to_csv(tmp_path / "t.csv", index=False)
+    assert main(["label", str(tmp_path / "t.csv"), "--metric", "eval.arc.acc",
+                 "--out", str(tmp_path / "l.csv")]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "eval.piqa.acc" in err and "seed" not in err

@@ -27,6 +27,7 @@ PARAMS = (
     "n_jobs",
     "random_state",
     "noise_merge",
+    "progress",
 )
 
 

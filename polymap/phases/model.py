@@ -84,6 +84,8 @@ class PhaseModel(BaseEstimator):
     n_folds, n_iter, tol, n_jobs, random_state
         Cross-validation folds (by run; < 2 = no run-level validation), EM limits,
         joblib workers, seed. A scikit-learn estimator: ``sklearn.base.clone`` works.
+    progress : bool
+        A progress bar over the (K, restart) fits.
 
     Attributes
     ----------
@@ -111,6 +113,7 @@ class PhaseModel(BaseEstimator):
         noise_merge: bool = True,
         n_jobs: int = 1,
         random_state: int = 0,
+        progress: bool = False,
     ):
         self.n_states = n_states
         self.states_range = states_range
@@ -125,6 +128,7 @@ class PhaseModel(BaseEstimator):
         self.noise_merge = noise_merge
         self.n_jobs = n_jobs
         self.random_state = random_state
+        self.progress = progress
 
     # -- fitting -----------------------------------------------------------------------
     def _validate(self) -> list[int]:
@@ -169,6 +173,7 @@ class PhaseModel(BaseEstimator):
             self.n_folds,
             self.random_state,
             self.n_jobs,
+            progress=self.progress,
         )
         if len(ks) == 1:
             if ks[0] not in best:

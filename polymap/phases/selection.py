@@ -151,18 +151,28 @@ def select(
     n_folds: int = 3,
     random_state: int = 0,
     n_jobs: int = 1,
+    progress: bool = False,
 ) -> tuple[list[dict], dict[int, FitResult]]:
-    """Fit every (K, restart); return the selection rows and the best fit per K."""
+    """Fit every (K, restart); return the selection rows and the best fit per K
+    (``progress``: a bar over the fits as they finish)."""
+    from tqdm.auto import tqdm
+
     n_runs = len(lengths)
     # n_folds < 2: no run-level validation (a forced K needs none; the scorer's
     # leave-one-run-out clones use it)
     cv = n_runs >= 2 and n_folds >= 2
     folds = run_folds(n_runs, min(n_folds, n_runs), random_state) if cv else []
     jobs = [(k, r, random_state + 1000 * k + r) for k in ks if k <= len(X) for r in range(restarts)]
-    results = Parallel(n_jobs=n_jobs)(
+    finished = Parallel(n_jobs=n_jobs, return_as="generator")(
         delayed(_evaluate)(X, lengths, k, r, seed, covariance, n_iter, tol, folds)
         for k, r, seed in jobs
     )
+    bar = tqdm(total=len(jobs), desc="HMM fits (K x restart)", disable=not progress, leave=False)
+    results = []
+    for result in finished:  # in submission order, counted as they finish
+        results.append(result)
+        bar.update()
+    bar.close()
     rows, best = [], {}
     d = X.shape[1]
     for (k, r, seed), (fit, held) in zip(jobs, results, strict=True):

@@ -163,7 +163,17 @@ def label_runs(
     """
     for column in ("run", "step", metric):
         if column not in table.columns:
-            raise UsageError(f"column {column!r} not in the table (has {list(table.columns)[:8]})")
+            metrics = [
+                c for c in table.select_dtypes("number").columns
+                if c not in ("step", "seed", "tokens") and not c.endswith("_stderr")
+            ]  # fmt: skip
+            close = [c for c in metrics if column.split(".")[-1] in c] or metrics
+            shown = ", ".join(close[:10]) + (
+                f" (+{len(close) - 10} more)" if len(close) > 10 else ""
+            )
+            raise UsageError(
+                f"column {column!r} not in the table; metric columns: {shown or 'none'}"
+            )
     if group_by is not None:
         if group_by not in table.columns:
             raise UsageError(f"--group-by {group_by!r}: no such column in the table")

@@ -570,7 +570,7 @@ class RiskScorer(BaseEstimator):
 
     def _template(self) -> PhaseModel:
         return clone(self.phase_model_).set_params(
-            n_states=int(self.phase_model_.n_states_), n_folds=1, n_jobs=1
+            n_states=int(self.phase_model_.n_states_), n_folds=1, n_jobs=1, progress=False
         )
 
     def _fit_loo(self, reference: pd.DataFrame, cut: int | None) -> dict[str, PhaseModel]:
