@@ -268,7 +268,7 @@ def _read_any_table(path: str, metric: str = "val_loss"):
         raise PolymapError(f"TABLE {p}: unreadable ({type(err).__name__}: {err})") from err
 
 
-def _scorer(model_dir: str, features, alpha: float, seed: int, jobs: int = 1):
+def _scorer(model_dir: str, features, alpha: float, seed: int, progress: bool = True):
     """The RiskScorer saved in MODEL_DIR when its reference is ``features``'s runs; else
     one fitted on ``features`` with MODEL_DIR's phase model (its features, covariance,
     scaling, K)."""
@@ -287,15 +287,15 @@ def _scorer(model_dir: str, features, alpha: float, seed: int, jobs: int = 1):
     if scorer is not None and (
         runs is None or runs == set(scorer.reference_["run"]) | set(scorer.broken_["run"])
     ):
-        return scorer.set_params(alpha=alpha)
+        return scorer.set_params(alpha=alpha, progress=progress)
     if features is None:
         raise UsageError(
             f"{model_dir} has no saved scorer (fitted before polymap saved one): give "
             "FEATURES.parquet to fit one with its map, or refit with `polymap fit`"
         )
     return RiskScorer(
-        phase_model=PhaseModel.load(model_dir), alpha=alpha, random_state=seed, n_jobs=jobs,
-        progress=True,
+        phase_model=PhaseModel.load(model_dir), alpha=alpha, random_state=seed,
+        progress=progress,
     ).fit(features)  # fmt: skip
 
 
@@ -325,7 +325,7 @@ def _score(args: argparse.Namespace) -> int:
             )
             _write_scores(scores, args.out)
             return EXIT_OK
-        scorer = _scorer(args.model, reference, args.alpha, args.seed)
+        scorer = _scorer(args.model, reference, args.alpha, args.seed, not args.quiet)
         if args.targets:
             scores = scorer.score(
                 read_table(args.targets), horizon=args.horizon, until_step=args.until_step
@@ -424,20 +424,22 @@ def _backtest(args: argparse.Namespace) -> int:
         scorers = _group_scorers(args.model, features, group_by, args.alpha, args.seed)
         table = backtest(
             features, args.labels, horizons, args.out, scorer=scorers, group_by=group_by,
-            progress=True,
+            progress=not args.quiet,
         )  # fmt: skip
     elif group_by:
         table = backtest(
             features, args.labels, horizons, args.out, alpha=args.alpha,
-            random_state=args.seed, n_jobs=-1, progress=True, group_by=group_by,
+            random_state=args.seed, n_jobs=-1, progress=not args.quiet, group_by=group_by,
         )  # fmt: skip
     elif args.model:
-        scorer = _scorer(args.model, features, args.alpha, args.seed)
-        table = backtest(features, args.labels, horizons, args.out, scorer=scorer, progress=True)
+        scorer = _scorer(args.model, features, args.alpha, args.seed, not args.quiet)
+        table = backtest(
+            features, args.labels, horizons, args.out, scorer=scorer, progress=not args.quiet
+        )
     else:
         table = backtest(
             features, args.labels, horizons, args.out, alpha=args.alpha,
-            random_state=args.seed, n_jobs=-1, progress=True,
+            random_state=args.seed, n_jobs=-1, progress=not args.quiet,
         )  # fmt: skip
     print(table.to_string(index=False))
     print(f"wrote {args.out}/backtest.csv and backtest.png")
