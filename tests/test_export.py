@@ -192,3 +192,26 @@ def test_timeline_metric_values_come_from_the_table(fitted):
     assert inputs.metric == "hu2023.l2"
     assert np.isfinite(table["hu2023.l2"]).all()
     assert len(table) == len(inputs.paths)
+
+
+def test_figures_draw_into_the_users_axes():
+    from matplotlib.figure import Figure
+    from test_scoring import runs_table
+
+    from polymap.export.figures import plot_selection
+    from polymap.phases import PhaseModel
+    from polymap.scoring.backtest import plot_backtest
+
+    model = PhaseModel(states_range=(1, 2, 3), restarts=1).fit(runs_table())
+    mine = Figure()
+    assert plot_selection(model.selection_, model.n_states_, fig=mine) is mine
+    assert len(mine.axes) == 3 and f"K={model.n_states_} chosen" in mine._suptitle.get_text()
+    table = pd.DataFrame({"horizon": [0.1, 0.25], "auroc": [0.8, 1.0],
+                          "average_precision": [0.5, 1.0], "median_lead_steps": [300.0, 250.0],
+                          "n_runs": [10, 10], "n_unstable": [2, 2]})  # fmt: skip
+    fig = Figure()
+    ax = fig.subplots()
+    assert plot_backtest(table, ax=ax) is fig
+    assert [line.get_label() for line in ax.get_lines()][:2] == ["AUROC", "average precision"]
+    chance = [line.get_ydata()[0] for line in ax.get_lines()[2:]]
+    assert chance == pytest.approx([0.5, 0.2])  # AUROC chance and the unstable share

@@ -3,8 +3,8 @@
 - ``timelines``: one row per run, its decoded state as coloured bands over steps (sqrt or
   log step axis), the chosen metric overlaid; flagged runs (from the scores) are grouped
   at the top, unstable runs (from the labels) marked;
-- ``selection``: held-out log-likelihood per checkpoint, BIC and AIC against K (best
-  restart per K), the chosen K marked;
+- ``selection``: :func:`plot_selection` - held-out log-likelihood, its paired difference
+  to the best K with one standard error (the rule), BIC; the chosen K and why;
 - ``features``: the features that best separate the states (largest between-state
   variance ratio in scaled units), per run over steps, points coloured by state;
 - ``risk``: runs ranked by risk with their three signal z-scores, labels marked.
@@ -118,34 +118,71 @@ def timelines(inputs: ExportInputs, paths: list[Path], step_scale: str = "sqrt")
     return save(fig, paths)
 
 
-def selection(inputs: ExportInputs, paths: list[Path]) -> list[Path]:
-    sel = inputs.model.selection_
-    fig = Figure(figsize=figure_size("selection", inputs), dpi=DPI, layout="constrained")
+def plot_selection(selection: pd.DataFrame, chosen: int, k_likelihood: int | None = None,
+                   fig=None):  # fmt: skip
+    """How K was chosen, with the statistic ``describe`` prints
+    (:func:`polymap.phases.selection.selection_statistic`): held-out log-likelihood per
+    checkpoint of the best restart per K; its median paired difference to the best K with
+    one robust standard error (the chosen K is the smallest whose bar reaches 0); BIC.
+    ``k_likelihood``: the likelihood's K when the measurement-noise rule chose another.
+    Draws into ``fig`` (a matplotlib Figure) when given; returns the Figure.
+
+    >>> fig = plot_selection(model.selection_, model.n_states_)   # doctest: +SKIP
+    """
+    from polymap.phases.selection import selection_statistic
+
+    if fig is None:
+        fig = Figure(figsize=(11.0, 3.4), dpi=DPI, layout="constrained")
     axes = fig.subplots(1, 3)
-    chosen = inputs.graph["n_states"]
-    if sel.empty:
+    stats = selection_statistic(selection) if not selection.empty else pd.DataFrame()
+    if stats.empty:
         for ax in axes:
             ax.text(0.5, 0.5, f"K={chosen} fixed (no selection)", ha="center", va="center")
             ax.axis("off")
-        return save(fig, paths)
-    ok = sel[~sel["degenerate"].astype(bool)]
-    best = ok.loc[ok.groupby("k")["train_ll"].idxmax()] if len(ok) else sel
-    for ax, column, title in zip(
-        axes, ("heldout_ll", "bic", "aic"),
-        ("held-out log-lik. per checkpoint (higher better)", "BIC (lower better)",
-         "AIC (lower better)"),
-        strict=True,
-    ):  # fmt: skip
-        data = best.sort_values("k")
-        ax.plot(data["k"], data[column], "o-", color="0.25")
-        at = data[data["k"] == chosen]
-        if len(at):
-            ax.plot(at["k"], at[column], "o", ms=11, mfc="none", mec="crimson", mew=2)
-        ax.axvline(chosen, color="crimson", lw=0.8, ls=":")
+        return fig
+    k = stats["k"].to_numpy()
+    top = int(stats.loc[stats["heldout_ll"].idxmax(), "k"])
+    ax = axes[0]
+    ax.plot(k, stats["heldout_ll"], "o-", color="0.25")
+    ax.set_title("held-out log-lik. per checkpoint\n(best restart per K; higher better)",
+                 fontsize=9)  # fmt: skip
+    ax = axes[1]
+    within = stats["within"].to_numpy(bool)
+    ax.axhline(0, color="0.3", lw=0.8)
+    ax.errorbar(k[within], stats["diff"][within], yerr=stats["se"][within], fmt="o",
+                color="#009E73", capsize=3, label="within 1 SE of the best")  # fmt: skip
+    ax.errorbar(k[~within], stats["diff"][~within], yerr=stats["se"][~within], fmt="o",
+                color="0.55", capsize=3, label="worse by > 1 SE")  # fmt: skip
+    ax.set_title(f"paired difference to the best K ({top}), median over runs\n"
+                 "+/- 1 robust SE: the smallest K reaching 0 is chosen", fontsize=9)  # fmt: skip
+    ax.legend(fontsize=7, loc="lower right", frameon=False)
+    ax = axes[2]
+    sel = selection[~selection["degenerate"].astype(bool)]
+    best = sel.loc[sel.groupby("k")["heldout_ll"].idxmax()].sort_values("k")
+    ax.plot(best["k"], best["bic"], "o-", color="0.25")
+    ax.set_title("BIC (lower better)", fontsize=9)
+    for ax in axes:
+        ax.axvline(chosen, color="crimson", lw=1.2, ls="-", alpha=0.6)
+        if k_likelihood is not None and k_likelihood != chosen:
+            ax.axvline(k_likelihood, color="0.4", lw=1.0, ls="--")
         ax.set_xlabel("K (states)")
-        ax.set_title(title, fontsize=9)
-        ax.set_xticks(sorted(data["k"].unique()))
-    fig.suptitle(f"Model selection: K={chosen} chosen (red)", fontsize=10)
+        ax.set_xticks(sorted(k))
+        ax.tick_params(labelsize=8)
+    title = f"K={chosen} chosen (red line)"
+    if k_likelihood is not None and k_likelihood != chosen:
+        title += (f": the measurement-noise rule; held-out likelihood alone gives "
+                  f"K={k_likelihood} (dashed)")  # fmt: skip
+    else:
+        title += f": the smallest K within one standard error of the best (K={top})"
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def selection(inputs: ExportInputs, paths: list[Path]) -> list[Path]:
+    model = inputs.model
+    fig = plot_selection(
+        model.selection_, inputs.graph["n_states"], getattr(model, "n_states_likelihood_", None)
+    )
     return save(fig, paths)
 
 

@@ -28,6 +28,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 from joblib import Parallel, delayed
 
 from polymap.phases.preprocess import PhaseInputError
@@ -207,42 +208,59 @@ def _per_run(row: dict) -> np.ndarray:
     return np.array([float(v) for v in str(text).split(";") if v != ""], dtype=float)
 
 
+def selection_statistic(rows) -> pd.DataFrame:
+    """The one-standard-error rule's numbers, one row per K: ``k, heldout_ll`` (the best
+    restart's median held-out log-likelihood per checkpoint), ``diff`` (median over runs
+    of its paired difference to the best K), ``se`` (robust SE of that median:
+    1.2533 * 1.4826 * MAD / sqrt(runs)), ``within`` (``diff >= -se``), ``n_runs``.
+    ``rows``: the selection rows (a list of dicts or ``selection.csv``). What
+    :func:`choose_k`, ``describe`` and the selection figure show."""
+    frame = pd.DataFrame(rows)
+    columns = ["k", "heldout_ll", "diff", "se", "within", "n_runs"]
+    if frame.empty or "heldout_ll" not in frame:
+        return pd.DataFrame(columns=columns)
+    usable = frame[~frame["degenerate"].astype(bool) & np.isfinite(frame["heldout_ll"])]
+    if usable.empty:
+        return pd.DataFrame(columns=columns)
+    best = usable.loc[usable.groupby("k")["heldout_ll"].idxmax()].sort_values("k")
+    top_runs = _per_run(best.loc[best["heldout_ll"].idxmax()])
+    out = []
+    for rec in best.to_dict("records"):
+        diff = _per_run(rec) - top_runs if len(_per_run(rec)) == len(top_runs) else np.array([])
+        diff = diff[np.isfinite(diff)]
+        median = float(np.median(diff)) if len(diff) else math.nan
+        mad = float(np.median(np.abs(diff - median))) if len(diff) else math.nan
+        se = 1.2533 * 1.4826 * mad / math.sqrt(len(diff)) if len(diff) else math.nan
+        out.append({"k": int(rec["k"]), "heldout_ll": float(rec["heldout_ll"]), "diff": median,
+                    "se": se, "within": bool(median >= -se) if len(diff) else False,
+                    "n_runs": len(diff)})  # fmt: skip
+    return pd.DataFrame(out, columns=columns)
+
+
 def choose_k(rows: list[dict], best: dict[int, FitResult]) -> tuple[int, str]:
     """Apply the documented rule; returns (K, a sentence saying why).
 
     Each K is scored by the median over held-out runs of their log-likelihood per
     checkpoint, and compared with the best K run by run (paired): the chosen K is the
     smallest whose median paired difference is within one robust standard error
-    (1.2533 * 1.4826 * MAD / sqrt(runs)) of zero. Medians keep a few outlier runs -
-    exactly the runs polymap is meant to flag later - from deciding the map's size.
+    (1.2533 * 1.4826 * MAD / sqrt(runs)) of zero (:func:`selection_statistic`). Medians
+    keep a few outlier runs - exactly the runs polymap is meant to flag later - from
+    deciding the map's size.
     """
     usable = [r for r in rows if not r["degenerate"] and r["k"] in best]
     if not usable:
         raise PhaseInputError("every fit was degenerate; try fewer states or other features")
-    by_k: dict[int, dict] = {}
-    for r in usable:
-        if math.isfinite(r["heldout_ll"]) and (
-            r["k"] not in by_k or r["heldout_ll"] > by_k[r["k"]]["heldout_ll"]
-        ):
-            by_k[r["k"]] = r
-    if not by_k:
+    stats = selection_statistic(usable)
+    if stats.empty:
         k = min(usable, key=lambda r: r["bic"])["k"]
         return k, f"K={k} minimises BIC (no run-level validation possible with one run)"
-    top = max(by_k.values(), key=lambda r: r["heldout_ll"])
-    top_runs = _per_run(top)
-    for k in sorted(by_k):
-        diff = _per_run(by_k[k]) - top_runs
-        diff = diff[np.isfinite(diff)]
-        if not len(diff):
-            continue
-        median = float(np.median(diff))
-        mad = float(np.median(np.abs(diff - median)))
-        se = 1.2533 * 1.4826 * mad / math.sqrt(len(diff))
-        if k == top["k"] or median >= -se:
-            return k, (
-                f"K={k} is the smallest K whose held-out log-likelihood per checkpoint "
-                f"(median over {len(diff)} runs held out whole: {by_k[k]['heldout_ll']:.3f}) "
-                f"is within one robust paired standard error ({se:.3f}) of the best "
-                f"(K={top['k']}: {top['heldout_ll']:.3f})"
+    top = stats.loc[stats["heldout_ll"].idxmax()]
+    for rec in stats.itertuples():
+        if rec.k == top["k"] or rec.within:
+            return int(rec.k), (
+                f"K={rec.k} is the smallest K whose held-out log-likelihood per checkpoint "
+                f"(median over {rec.n_runs} runs held out whole: {rec.heldout_ll:.3f}) "
+                f"is within one robust paired standard error ({rec.se:.3f}) of the best "
+                f"(K={int(top['k'])}: {top['heldout_ll']:.3f})"
             )
-    return top["k"], f"K={top['k']} has the best held-out log-likelihood"
+    return int(top["k"]), f"K={int(top['k'])} has the best held-out log-likelihood"

@@ -152,6 +152,8 @@ def backtest(
         rows.append(
             {
                 "horizon": h,
+                "n_runs": len(merged),
+                "n_unstable": int(y.sum()),
                 "horizon_step": int(scores["horizon_step"].median()),
                 "auroc": float(roc_auc_score(y, risk)),
                 "average_precision": float(average_precision_score(y, risk)),
@@ -172,16 +174,41 @@ def backtest(
     return table
 
 
-def _plot(table: pd.DataFrame, path: Path) -> None:
+def plot_backtest(table: pd.DataFrame, ax=None):
+    """AUROC and average precision of the early risk per horizon, with their chance
+    levels (0.5; the share of unstable runs) and the median lead time at each point.
+    Draws into ``ax`` (a matplotlib Axes) when given; returns the Figure.
+
+    >>> fig = plot_backtest(backtest(features, "labels.csv"))      # doctest: +SKIP
+    """
     from matplotlib.figure import Figure  # no pyplot: leaves a notebook's backend alone
 
-    fig = Figure(figsize=(5, 3.2), dpi=120)
-    ax = fig.subplots()
-    ax.plot(table["horizon"], table["auroc"], "o-", label="AUROC")
-    ax.plot(table["horizon"], table["average_precision"], "s--", label="average precision")
+    if ax is None:
+        fig = Figure(figsize=(6.4, 3.6), dpi=120, layout="constrained")
+        ax = fig.subplots()
+    fig = ax.figure
+    h = table["horizon"].to_numpy(float)
+    ax.plot(h, table["auroc"], "o-", color="#0072B2", ms=7, lw=1.6, label="AUROC", zorder=3)
+    ax.plot(h, table["average_precision"], "s--", color="#D55E00", ms=9, mfc="none", mew=1.8,
+            lw=1.4, label="average precision", zorder=4)  # fmt: skip
+    ax.axhline(0.5, color="#0072B2", lw=0.8, ls=":", label="AUROC chance (0.5)")
+    if {"n_unstable", "n_runs"} <= set(table.columns) and len(table):
+        base = float(table["n_unstable"].iloc[0]) / max(1.0, float(table["n_runs"].iloc[0]))
+        ax.axhline(base, color="#D55E00", lw=0.8, ls=":", label=f"AP chance ({base:.2f})")
+    if "median_lead_steps" in table.columns:
+        for x, y, lead in zip(h, table["auroc"], table["median_lead_steps"], strict=True):
+            if np.isfinite(lead):
+                ax.annotate(f"lead {lead:.0f} steps", (x, y), xytext=(0, -14),
+                            textcoords="offset points", ha="center", fontsize=7,
+                            color="0.3")  # fmt: skip
     ax.set_xlabel("horizon (fraction of training seen)")
-    ax.set_ylim(0, 1.05)
-    ax.set_title("Does the early score predict later instability?")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
+    ax.set_ylabel("score")
+    ax.set_ylim(0, 1.08)
+    ax.set_xticks(h, [f"{v:g}" for v in h])
+    ax.set_title("Does the early score predict later instability?", fontsize=10)
+    ax.legend(loc="lower right", fontsize=7, frameon=False)
+    return fig
+
+
+def _plot(table: pd.DataFrame, path: Path) -> None:
+    plot_backtest(table).savefig(path)
