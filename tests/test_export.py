@@ -56,6 +56,7 @@ def test_every_file_is_written(exported):
     assert sorted(p.name for p in files) == sorted(
         ["training_map.dot", "training_map.json", "training_map.png", "training_map.svg",
          "timelines.png", "timelines.svg", "selection.png", "features.png", "risk.png",
+         "fingerprint.png",
          "report.html"]
     )  # fmt: skip
 
@@ -215,3 +216,20 @@ def test_figures_draw_into_the_users_axes():
     assert [line.get_label() for line in ax.get_lines()][:2] == ["AUROC", "average precision"]
     chance = [line.get_ydata()[0] for line in ax.get_lines()[2:]]
     assert chance == pytest.approx([0.5, 0.2])  # AUROC chance and the unstable share
+
+
+def test_state_fingerprint_matches_the_graph(tmp_path):
+    from matplotlib.figure import Figure
+
+    from polymap.export.figures import plot_fingerprint
+
+    graph = {"states": [{"id": 0, "profile": {"a.x": 1.0, "a.y": 10.0, "a.z": 5.0}},
+                        {"id": 1, "profile": {"a.x": 3.0, "a.y": 10.0, "a.z": 6.0}}]}  # fmt: skip
+    fig = Figure()
+    ax = fig.subplots()
+    assert plot_fingerprint(graph, ax=ax) is fig
+    image = ax.get_images()[0].get_array()
+    # standardised per feature across states: x and z differ (-1, +1), y does not (NaN)
+    assert image[:, 0].tolist() == [-1.0, 1.0]
+    texts = sorted(t.get_text() for t in ax.texts)
+    assert "3" in texts and "10" in texts  # cells carry the means in the feature's units

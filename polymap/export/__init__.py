@@ -89,6 +89,7 @@ def export(
         written += figures.selection(inputs, [out / "selection.png"])
         written += figures.features_figure(inputs, [out / "features.png"])
         written += figures.risk_figure(inputs, [out / "risk.png"])
+        written += figures.fingerprint(inputs, [out / "fingerprint.png"])
     if "html" in chosen:
         written.append(write_report(inputs, out, out / "report.html"))
     if "dot" not in chosen and dot_path in written:

@@ -7,7 +7,9 @@
   to the best K with one standard error (the rule), BIC; the chosen K and why;
 - ``features``: the features that best separate the states (largest between-state
   variance ratio in scaled units), per run over steps, points coloured by state;
-- ``risk``: runs ranked by risk with their three signal z-scores, labels marked.
+- ``risk``: runs ranked by risk with their three signal z-scores, labels marked;
+- ``fingerprint``: :func:`plot_fingerprint` - each state's mean per distinguishing
+  feature (a heat map).
 
 Every figure has a fixed size (``figsize`` x ``DPI`` pixels) so files are predictable.
 """
@@ -223,6 +225,54 @@ def features_figure(inputs: ExportInputs, paths: list[Path]) -> list[Path]:
         ax.tick_params(labelsize=7)
     fig.suptitle("Features that best separate the states (points coloured by state)", fontsize=10)
     return save(fig, paths)
+
+
+def plot_fingerprint(graph: dict, features: list[str] | None = None, n: int = 8, ax=None):
+    """What distinguishes the states at a glance: each state's mean of the ``n`` features
+    whose state means differ most (``features`` to choose), standardised per feature
+    across the states (colour: -2 .. +2 SDs of the state means; diverging, colour-blind
+    safe), the mean in the feature's own units written in each cell. ``graph``: a
+    MODEL_DIR's ``graph.json``. Draws into ``ax`` when given; returns the Figure.
+
+    >>> fig = plot_fingerprint(json.load(open("model/graph.json")))   # doctest: +SKIP
+    """
+    states = graph["states"]
+    profiles = pd.DataFrame([s.get("profile", {}) for s in states], index=[s["id"] for s in states])
+    profiles = profiles.apply(pd.to_numeric, errors="coerce")
+    spread = profiles.std(axis=0, ddof=0)
+    z = (profiles - profiles.mean(axis=0)) / spread.where(spread > 0)
+    if features is None:
+        # the features whose states differ most: largest range of standardised means
+        features = (z.max() - z.min()).sort_values(ascending=False).index[:n].tolist()
+    z, values = z[features], profiles[features]
+    if ax is None:
+        fig = Figure(figsize=(1.6 + 1.15 * len(features), 1.3 + 0.45 * len(states)), dpi=DPI,
+                     layout="constrained")  # fmt: skip
+        ax = fig.subplots()
+    fig = ax.figure
+    image = ax.imshow(z.to_numpy(float), cmap="RdBu_r", vmin=-2, vmax=2, aspect="auto")
+    for i in range(len(z)):
+        for j in range(len(features)):
+            v = values.iat[i, j]
+            text = "" if not np.isfinite(v) else f"{v:.3g}"
+            dark = abs(z.iat[i, j]) > 1.2 if np.isfinite(z.iat[i, j]) else False
+            ax.text(j, i, text, ha="center", va="center", fontsize=7,
+                    color="white" if dark else "black")  # fmt: skip
+    colors = state_colors(len(states))
+    ax.set_yticks(range(len(z)), [f"state {s}" for s in z.index], fontsize=8)
+    for tick, state in zip(ax.get_yticklabels(), z.index, strict=True):
+        tick.set_color(colors[int(state)])
+        tick.set_fontweight("bold")
+    ax.set_xticks(range(len(features)), [f.replace(".", ".\n", 1) for f in features],
+                  fontsize=7)  # fmt: skip
+    fig.colorbar(image, ax=ax, shrink=0.8, label="state mean, SDs across states")
+    ax.set_title("State fingerprint: the features whose state means differ most "
+                 "(cells: mean in the feature's units)", fontsize=9)  # fmt: skip
+    return fig
+
+
+def fingerprint(inputs: ExportInputs, paths: list[Path]) -> list[Path]:
+    return save(plot_fingerprint(inputs.graph), paths)
 
 
 def risk_figure(inputs: ExportInputs, paths: list[Path]) -> list[Path]:
