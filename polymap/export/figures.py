@@ -36,11 +36,23 @@ def save(fig, paths: list[Path]) -> list[Path]:
     return paths
 
 
+METRIC_PANEL = 2.4  # inches of the timelines' metric panel
+
+
+def _with_metric(inputs: ExportInputs) -> bool:
+    return bool(inputs.metric) and inputs.metric in inputs.table.columns
+
+
 def figure_size(name: str, inputs: ExportInputs) -> tuple[float, float]:
     """Inches of each figure (pixels = inches x DPI)."""
     n_runs = len(inputs.runs)
     return {
-        "timelines": (11.0, 1.2 + 0.42 * (n_runs + (1 if inputs.flagged else 0))),
+        "timelines": (
+            11.0,
+            1.2
+            + 0.42 * (n_runs + (1 if inputs.flagged else 0))
+            + (METRIC_PANEL if _with_metric(inputs) else 0),
+        ),
         "selection": (11.0, 3.4),
         "features": (11.0, 2.6 * ((N_TOP_FEATURES + 1) // 2)),
         "risk": (9.0, 1.3 + 0.34 * max(1, n_runs)),
@@ -56,20 +68,34 @@ def run_order(inputs: ExportInputs) -> list[str]:
     return flagged + [r for r in inputs.runs if r not in inputs.flagged]
 
 
+def _events(inputs: ExportInputs, column: str, frame) -> dict[str, float]:
+    """run -> step of ``column`` (``onset_step`` of the labels, ``first_flag_step`` of
+    the scores) where it is set."""
+    if frame is None or column not in frame.columns:
+        return {}
+    values = frame.set_index(frame["run"].astype(str))[column]
+    return {r: float(v) for r, v in values.items() if not pd.isna(v)}
+
+
 def timelines(inputs: ExportInputs, paths: list[Path], step_scale: str = "sqrt") -> list[Path]:
+    """States as coloured bands per run; below, the metric on its own real axis (one line
+    per run: flagged runs red, the rest grey); labelled onsets (black bar on the bands,
+    dot on the metric) and first flag steps (red triangle) marked on both."""
     k = inputs.graph["n_states"]
     colors = state_colors(k)
     order = run_order(inputs)
-    fig = Figure(figsize=figure_size("timelines", inputs), dpi=DPI, layout="constrained")
-    ax = fig.subplots()
-    forward = np.sqrt if step_scale == "sqrt" else (lambda s: np.log10(1 + np.asarray(s)))
     metric = inputs.metric
-    values = inputs.table.set_index(["run", "step"])[metric] if metric else None
-    lo = hi = None
-    if values is not None:
-        finite = values[np.isfinite(values)]
-        if len(finite):
-            lo, hi = np.nanpercentile(finite, [1, 99])
+    width, height = figure_size("timelines", inputs)
+    with_metric = _with_metric(inputs)
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    if with_metric:
+        ratios = [height - METRIC_PANEL, METRIC_PANEL]
+        ax, ax_metric = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": ratios})
+    else:
+        ax, ax_metric = fig.subplots(), None
+    forward = np.sqrt if step_scale == "sqrt" else (lambda s: np.log10(1 + np.asarray(s)))
+    onsets = _events(inputs, "onset_step", inputs.labels)
+    flags = _events(inputs, "first_flag_step", inputs.scores)
     rows: list[str] = []
     ticks: list[int] = []
     y = 0
@@ -87,10 +113,11 @@ def timelines(inputs: ExportInputs, paths: list[Path], step_scale: str = "sqrt")
                     color=colors[state], lw=0,
                 )
             )  # fmt: skip
-        if values is not None and lo is not None and hi > lo:
-            v = np.array([values.get((run, s), np.nan) for s in path["step"]], dtype=float)
-            ax.plot(x, -y + 0.35 - 0.7 * (np.clip(v, lo, hi) - lo) / (hi - lo), color="black",
-                    lw=1.0)  # fmt: skip
+        if run in onsets:
+            ax.plot([forward(onsets[run])] * 2, [-y - 0.45, -y + 0.45], color="black", lw=2.2)
+        if run in flags:
+            ax.plot(forward(flags[run]), -y + 0.55, marker="v", color="crimson", ms=7,
+                    mec="white", mew=0.6, zorder=5)  # fmt: skip
         rows.append(run)
         ticks.append(-y)
         y += 1
@@ -102,14 +129,14 @@ def timelines(inputs: ExportInputs, paths: list[Path], step_scale: str = "sqrt")
     ax.set_yticks(ticks, labels, fontsize=8)
     all_steps = np.unique(inputs.paths["step"].to_numpy(float))
     ax.set_xlim(forward(all_steps.min()), forward(all_steps.max()))
-    ax.set_ylim(min(ticks) - 0.6, 0.6)
+    ax.set_ylim(min(ticks) - 0.6, 0.8)
     nice = [s for s in (0, 10, 100, 1000, 10_000, 100_000) if s <= all_steps.max()]
     nice = sorted(set(nice + [int(all_steps.max() // 2), int(all_steps.max())]))
-    ax.set_xticks(forward(np.array(nice, float)), [str(s) for s in nice])
-    ax.set_xlabel(f"step ({step_scale} scale)")
     title = "State of each run over training"
-    if metric:
-        title += f"; black line: {metric} (higher on the plot = lower value)"
+    if onsets:
+        title += "; black bar: labelled onset of instability"
+    if flags:
+        title += "; red \u25bc: first flag"
     if inputs.flagged:
         title += "; \u25b2 flagged runs on top"
     ax.set_title(title, fontsize=10)
@@ -117,6 +144,38 @@ def timelines(inputs: ExportInputs, paths: list[Path], step_scale: str = "sqrt")
         handles=[Patch(color=colors[s], label=f"state {s}") for s in range(k)],
         loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False,
     )  # fmt: skip
+    bottom = ax
+    if ax_metric is not None:
+        values = inputs.table.set_index(["run", "step"])[metric]
+        for run in reversed(order):  # flagged runs drawn last, on top
+            grp = inputs.table[inputs.table["run"] == run].sort_values("step")
+            red = run in inputs.flagged
+            ax_metric.plot(forward(grp["step"].to_numpy(float)), grp[metric],
+                           color="crimson" if red else "0.6", lw=1.3 if red else 0.8,
+                           alpha=1.0 if red else 0.8, zorder=3 if red else 2)  # fmt: skip
+            for steps, style in ((onsets, "o"), (flags, "v")):
+                if run in steps:
+                    at = values.get((run, steps[run]))
+                    if at is None or not np.isfinite(at):
+                        continue
+                    ax_metric.plot(forward(steps[run]), at, marker=style, ms=6, zorder=4,
+                                   color="black" if style == "o" else "crimson")  # fmt: skip
+        # the y range of the last 90% of training: where a late rise is decided (the
+        # first steps' fall runs off the top instead of flattening everything else)
+        late = values[values.index.get_level_values("step") >= 0.1 * all_steps.max()]
+        finite = late[np.isfinite(late)]
+        if len(finite):
+            lo, hi = np.nanpercentile(finite, [0.5, 99.5])
+            pad = 0.08 * (hi - lo) if hi > lo else 1.0
+            ax_metric.set_ylim(lo - pad, hi + pad)
+        ax_metric.set_ylabel(metric, fontsize=8)
+        ax_metric.tick_params(labelsize=8)
+        ax_metric.set_title(f"{metric}, y axis fitted to the last 90% of training (red: flagged "
+                            "runs; black dot: labelled onset; red \u25bc: first flag)",
+                            fontsize=9)  # fmt: skip
+        bottom = ax_metric
+    bottom.set_xticks(forward(np.array(nice, float)), [str(s) for s in nice])
+    bottom.set_xlabel(f"step ({step_scale} scale)")
     return save(fig, paths)
 
 
