@@ -233,3 +233,39 @@ def test_state_fingerprint_matches_the_graph(tmp_path):
     assert image[:, 0].tolist() == [-1.0, 1.0]
     texts = sorted(t.get_text() for t in ax.texts)
     assert "3" in texts and "10" in texts  # cells carry the means in the feature's units
+
+
+def _no_text_overlap(fig) -> list[tuple[str, str]]:
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in ax.texts if t.get_text()]
+    return [
+        (a, b)
+        for i, (a, box_a) in enumerate(boxes)
+        for b, box_b in boxes[i + 1 :]
+        if box_a.overlaps(box_b)
+    ]
+
+
+def test_training_map_text_does_not_overlap(fitted):
+    from polymap.export.graphs import map_document, plot_training_map
+    from polymap.phases.graph import read_graph, read_paths
+
+    graph = read_graph(fitted / "model")
+    doc = map_document(graph, read_paths(fitted / "model"), "pico-seed2")
+    fig = plot_training_map(doc)
+    assert not _no_text_overlap(fig)
+    labels = [t.get_text() for t in fig.axes[0].texts]
+    # each transition's label names the feature that changes most on it
+    assert any("\u2191" in t or "\u2193" in t for t in labels)
+    # a dense synthetic map too: 8 states, every forward edge and some back edges
+    nodes = [{"id": i, "label": "", "occupancy": 0.1, "n_checkpoints": 1, "n_runs": 3,
+              "step_range": [i * 10, i * 10 + 9], "entry_step_median": i * 10.0,
+              "self_probability": 0.5, "detour": i % 3 == 2, "color": "#999999"}
+             for i in range(8)]  # fmt: skip
+    edges = [{"source": a, "target": b, "probability": 0.1, "count": 1, "highlighted": False,
+              "top_features": [{"feature": "hu2023.l2", "change": 1.0, "direction": "up"}]}
+             for a in range(8) for b in range(8) if b in (a + 1, a + 2) or b == a - 1]  # fmt: skip
+    dense = {"n_states": 8, "nodes": nodes, "edges": edges, "highlight_run": None}
+    overlaps = _no_text_overlap(plot_training_map(dense))
+    assert len(overlaps) <= 2, overlaps  # a crowded map may leave a couple; none here above

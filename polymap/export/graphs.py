@@ -155,33 +155,50 @@ def layout(doc: dict) -> dict[int, tuple[float, float]]:
     return pos
 
 
-def draw_map(doc: dict, png: Path | None, svg: Path | None, renderer: str = "auto") -> list[Path]:
-    """Draw the training map to PNG and/or SVG; returns the files written."""
-    dot = shutil.which("dot")
-    if renderer == "graphviz" or (renderer == "auto" and dot):
-        if not dot:
-            raise FileNotFoundError("renderer='graphviz' but Graphviz `dot` is not on PATH")
-        source = (png or svg).with_suffix(".dot")
-        written = []
-        for out, fmt in ((png, "png"), (svg, "svg")):
-            if out is not None:
-                subprocess.run([dot, f"-T{fmt}", str(source), "-o", str(out)], check=True)
-                written.append(out)
-        return written
+def _edge_label(data: dict) -> str:
+    """The transition probability and the feature that changes most on it."""
+    text = f"{data['probability']:.2f}"
+    top = data.get("top_features") or []
+    if top:
+        name = str(top[0]["feature"]).split(".", 1)[-1]
+        arrow = "\u2191" if top[0]["change"] > 0 else "\u2193"
+        text += f"\n{name} {arrow}"
+    return text
+
+
+def _arc_point(p0, p1, rad: float, t: float) -> tuple[float, float]:
+    """Point at ``t`` of matplotlib's ``arc3`` curve from p0 to p1 (quadratic Bezier with
+    control point ``mid + rad * (dy, -dx)``)."""
+    (x0, y0), (x1, y1) = p0, p1
+    cx, cy = (x0 + x1) / 2 + rad * (y1 - y0), (y0 + y1) / 2 - rad * (x1 - x0)
+    u = 1 - t
+    return (u * u * x0 + 2 * u * t * cx + t * t * x1, u * u * y0 + 2 * u * t * cy + t * t * y1)
+
+
+def plot_training_map(doc: dict, ax=None):
+    """The training map (:func:`map_document`) drawn with matplotlib: states as circles
+    (dashed: detours) with their share, runs and step range; transitions as arcs whose
+    width grows with the probability, labelled with it and the feature that changes most
+    (arrow: up or down); one run's path in red. Edge labels are placed along their arc
+    where they overlap no other text or state (checked with the renderer's extents).
+    Draws into ``ax`` when given; returns the Figure. SVG ids: ``state-<k>``,
+    ``edge-<a>-<b>``."""
     graph = nx.DiGraph()
     for node in doc["nodes"]:
         graph.add_node(node["id"], **node)
     for edge in doc["edges"]:
         graph.add_edge(edge["source"], edge["target"], **edge)
     pos = layout(doc)
-    width = max(6.0, 1.8 * len(doc["nodes"]))
-    fig = Figure(figsize=(width, 4.2), dpi=DPI, layout="constrained")
-    ax = fig.subplots()
+    if ax is None:
+        width = max(6.0, 1.8 * len(doc["nodes"]))
+        fig = Figure(figsize=(width, 4.2), dpi=DPI, layout="constrained")
+        ax = fig.subplots()
+    fig = ax.figure
     radius = 0.32
+    arcs = []
     for u, v, data in graph.edges(data=True):
         (x0, y0), (x1, y1) = pos[u], pos[v]
-        dx, dy = x1 - x0, y1 - y0
-        norm = max(float(np.hypot(dx, dy)), 1e-9)
+        dx = x1 - x0
         # arcs: both directions of a pair apart, long or backward edges around the nodes
         rad = 0.0
         if graph.has_edge(v, u):
@@ -201,21 +218,11 @@ def draw_map(doc: dict, png: Path | None, svg: Path | None, renderer: str = "aut
             gid=f"edge-{u}-{v}",
         )
         ax.add_patch(arrow)
-        # matplotlib's arc3 control point is mid + rad * (dy, -dx); the curve's apex is
-        # halfway to it; the label sits just outside the apex
-        side = (dy / norm, -dx / norm) if rad else (-dy / norm, dx / norm)
-        apex = ((x0 + x1) / 2 + rad / 2 * dy, (y0 + y1) / 2 - rad / 2 * dx)
-        ax.annotate(
-            f"{data['probability']:.2f}",
-            (apex[0] + 0.13 * side[0], apex[1] + 0.13 * side[1]),
-            ha="center",
-            va="center",
-            fontsize=8,
-            color="0.2",
-        )
+        arcs.append(((x0, y0), (x1, y1), rad, data))
+    circles = []
     for node_id, data in graph.nodes(data=True):
         x, y = pos[node_id]
-        ax.add_patch(
+        circles.append(ax.add_patch(
             Circle(
                 (x, y),
                 radius,
@@ -226,16 +233,16 @@ def draw_map(doc: dict, png: Path | None, svg: Path | None, renderer: str = "aut
                 lw=1.2,
                 gid=f"state-{node_id}",
             )
-        )
-        ax.text(x, y, str(node_id), ha="center", va="center", fontsize=12, weight="bold")
+        ))  # fmt: skip
+        ax.text(x, y, str(node_id), ha="center", va="center", fontsize=13, weight="bold")
         rng = data["step_range"] or ["-", "-"]
         ax.text(
             x,
-            y - radius - 0.08,
+            y - radius - 0.06,
             f"{100 * data['occupancy']:.0f}%, {data['n_runs']} runs\nsteps {rng[0]}-{rng[1]}",
             ha="center",
             va="top",
-            fontsize=7,
+            fontsize=8,
         )
     xs = np.array([p[0] for p in pos.values()] or [0.0])
     ax.set_xlim(xs.min() - 0.7, xs.max() + 0.7)
@@ -245,6 +252,45 @@ def draw_map(doc: dict, png: Path | None, svg: Path | None, renderer: str = "aut
     title = f"Training map: K={doc['n_states']} (dashed: detour states"
     title += f"; red: {doc['highlight_run']}'s path)" if doc.get("highlight_run") else ")"
     ax.set_title(title, fontsize=10)
+    # edge labels last, each where it overlaps nothing drawn so far
+    if not hasattr(fig.canvas, "get_renderer"):  # a bare Figure: give it an Agg canvas
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        FigureCanvasAgg(fig)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    taken = [t.get_window_extent(renderer) for t in ax.texts]
+    taken += [c.get_window_extent(renderer) for c in circles]
+    for p0, p1, rad, data in sorted(arcs, key=lambda a: -a[3]["probability"]):
+        for t in (0.5, 0.4, 0.6, 0.3, 0.7, 0.22, 0.78):
+            label = ax.text(
+                *_arc_point(p0, p1, rad, t), _edge_label(data), ha="center", va="center",
+                fontsize=7.5, color="0.15", linespacing=1.0,
+                bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.9},
+            )  # fmt: skip
+            box = label.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in taken):
+                break
+            if t != 0.78:
+                label.remove()
+        taken.append(label.get_window_extent(renderer))
+    return fig
+
+
+def draw_map(doc: dict, png: Path | None, svg: Path | None, renderer: str = "auto") -> list[Path]:
+    """Draw the training map to PNG and/or SVG; returns the files written."""
+    dot = shutil.which("dot")
+    if renderer == "graphviz" or (renderer == "auto" and dot):
+        if not dot:
+            raise FileNotFoundError("renderer='graphviz' but Graphviz `dot` is not on PATH")
+        source = (png or svg).with_suffix(".dot")
+        written = []
+        for out, fmt in ((png, "png"), (svg, "svg")):
+            if out is not None:
+                subprocess.run([dot, f"-T{fmt}", str(source), "-o", str(out)], check=True)
+                written.append(out)
+        return written
+    fig = plot_training_map(doc)
     written = []
     for out in (png, svg):
         if out is not None:
