@@ -280,8 +280,17 @@ def features_figure(inputs: ExportInputs, paths: list[Path]) -> list[Path]:
             ax.plot(x, grp[feature], color="0.8", lw=0.6, zorder=1)
             ax.scatter(x, grp[feature], c=[colors[s] for s in grp["state"]], s=7, zorder=2)
         ax.set_title(feature, fontsize=9)
-        ax.set_xlabel("sqrt(step)", fontsize=8)
+        steps = data["step"].to_numpy(float)
+        nice = [v for v in (0, 10, 100, 1000, 10_000, 100_000) if v <= steps.max()]
+        nice = sorted(set(nice + [int(steps.max())]))
+        ax.set_xticks(np.sqrt(np.array(nice, float)), [str(v) for v in nice])
+        ax.set_xlabel("step (sqrt scale)", fontsize=8)
         ax.tick_params(labelsize=7)
+    k = inputs.graph["n_states"]
+    fig.legend(
+        handles=[Patch(color=colors[s], label=f"state {s}") for s in range(k)],
+        loc="outside right upper", fontsize=8, frameon=False,
+    )  # fmt: skip
     fig.suptitle("Features that best separate the states (points coloured by state)", fontsize=10)
     return save(fig, paths)
 

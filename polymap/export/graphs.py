@@ -282,7 +282,11 @@ def draw_map(doc: dict, png: Path | None, svg: Path | None, renderer: str = "aut
     dot = shutil.which("dot")
     if renderer == "graphviz" or (renderer == "auto" and dot):
         if not dot:
-            raise FileNotFoundError("renderer='graphviz' but Graphviz `dot` is not on PATH")
+            raise FileNotFoundError(
+                "renderer='graphviz' but Graphviz `dot` is not on PATH: install it (Debian: "
+                "apt install graphviz; conda: conda install graphviz) or use --renderer "
+                "matplotlib (the default)"
+            )
         source = (png or svg).with_suffix(".dot")
         written = []
         for out, fmt in ((png, "png"), (svg, "svg")):
