@@ -751,7 +751,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="dot,json,png,svg,html", help="comma list")
     p.add_argument("--highlight", default=None, help="run whose path is drawn in red")
     p.add_argument(
-        "--step-scale", default="sqrt", choices=["sqrt", "log"], help="step axis of timelines"
+        "--step-scale",
+        default="sqrt",
+        choices=["sqrt", "log", "linear"],
+        help="step axis of timelines",
     )
     p.add_argument(
         "--renderer",

@@ -269,3 +269,23 @@ def test_training_map_text_does_not_overlap(fitted):
     dense = {"n_states": 8, "nodes": nodes, "edges": edges, "highlight_run": None}
     overlaps = _no_text_overlap(plot_training_map(dense))
     assert len(overlaps) <= 2, overlaps  # a crowded map may leave a couple; none here above
+
+
+def test_every_export_figure_draws_into_the_users_figure(fitted):
+    from matplotlib.figure import Figure
+
+    from polymap.export import figures
+
+    scores = pd.read_csv(fitted / "scores.csv")  # DataFrames are accepted, as from a notebook
+    inputs = load_inputs(fitted / "model", scores=scores, labels=fitted / "labels.csv",
+                         metric="hu2023.l2")  # fmt: skip
+    for draw in (figures.timelines, figures.selection, figures.features_figure):
+        mine = Figure()
+        assert draw(inputs, fig=mine) is mine and mine.axes, draw.__name__
+    for draw in (figures.risk_figure, figures.fingerprint):
+        mine = Figure()
+        ax = mine.subplots()
+        assert draw(inputs, ax=ax) is mine, draw.__name__
+    normalized = figures.timelines(inputs, step_scale="linear", normalize=True)
+    low, high = normalized.axes[1].get_ylim()
+    assert -0.2 < low < 0.1 and 0.9 < high < 1.2  # each run's metric on its own 0..1

@@ -56,8 +56,8 @@ def export(
     ``graphviz`` (needs ``dot``) or ``auto``.
     """
     chosen = _formats(formats)
-    if step_scale not in ("sqrt", "log"):
-        raise ExportError(f"step_scale={step_scale!r}: choose sqrt or log")
+    if step_scale not in ("sqrt", "log", "linear"):
+        raise ExportError(f"step_scale={step_scale!r}: choose sqrt, log or linear")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} exists and is not a directory")
@@ -84,12 +84,20 @@ def export(
             out / "training_map.svg" if "svg" in pictures else None,
             renderer,
         )
-        written += figures.timelines(inputs, [out / f"timelines.{e}" for e in pictures],
-                                     step_scale)  # fmt: skip
-        written += figures.selection(inputs, [out / "selection.png"])
-        written += figures.features_figure(inputs, [out / "features.png"])
-        written += figures.risk_figure(inputs, [out / "risk.png"])
-        written += figures.fingerprint(inputs, [out / "fingerprint.png"])
+        drawn = [
+            (
+                figures.timelines,
+                [out / f"timelines.{e}" for e in pictures],
+                {"step_scale": step_scale},
+            ),
+            (figures.selection, [out / "selection.png"], {}),
+            (figures.features_figure, [out / "features.png"], {}),
+            (figures.risk_figure, [out / "risk.png"], {}),
+            (figures.fingerprint, [out / "fingerprint.png"], {}),
+        ]
+        for draw, files, options in drawn:
+            draw(inputs, files, **options)
+            written += files
     if "html" in chosen:
         written.append(write_report(inputs, out, out / "report.html"))
     if "dot" not in chosen and dot_path in written:

@@ -36,6 +36,12 @@ def save(fig, paths: list[Path]) -> list[Path]:
     return paths
 
 
+def _saved(fig, paths: list[Path] | None):
+    """Write ``fig`` to ``paths`` (if any) and return it."""
+    save(fig, paths or [])
+    return fig
+
+
 METRIC_PANEL = 2.4  # inches of the timelines' metric panel
 
 
@@ -77,23 +83,41 @@ def _events(inputs: ExportInputs, column: str, frame) -> dict[str, float]:
     return {r: float(v) for r, v in values.items() if not pd.isna(v)}
 
 
-def timelines(inputs: ExportInputs, paths: list[Path], step_scale: str = "sqrt") -> list[Path]:
+def _step_transform(step_scale: str):
+    if step_scale == "sqrt":
+        return np.sqrt
+    if step_scale == "log":
+        return lambda s: np.log10(1 + np.asarray(s, dtype=float))
+    if step_scale == "linear":
+        return lambda s: np.asarray(s, dtype=float)
+    raise ValueError(f"step_scale={step_scale!r}: choose sqrt, log or linear")
+
+
+def timelines(inputs: ExportInputs, paths: list[Path] | None = None, step_scale: str = "sqrt",
+              normalize: bool = False, fig=None):  # fmt: skip
     """States as coloured bands per run; below, the metric on its own real axis (one line
-    per run: flagged runs red, the rest grey); labelled onsets (black bar on the bands,
-    dot on the metric) and first flag steps (red triangle) marked on both."""
+    per run: flagged runs red, the rest grey; ``normalize``: each run's metric scaled to
+    0..1 over its own range); labelled onsets (black bar on the bands, dot on the metric)
+    and first flag steps (red triangle) marked on both. ``step_scale``: sqrt, log or
+    linear. Draws into ``fig`` when given; returns the Figure (and writes ``paths``).
+
+    >>> inputs = load_inputs("model/", scores="scores.csv", labels="labels.csv")  # doctest: +SKIP
+    >>> timelines(inputs, fig=my_figure)                                          # doctest: +SKIP
+    """
     k = inputs.graph["n_states"]
     colors = state_colors(k)
     order = run_order(inputs)
     metric = inputs.metric
     width, height = figure_size("timelines", inputs)
     with_metric = _with_metric(inputs)
-    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    if fig is None:
+        fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
     if with_metric:
         ratios = [height - METRIC_PANEL, METRIC_PANEL]
         ax, ax_metric = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": ratios})
     else:
         ax, ax_metric = fig.subplots(), None
-    forward = np.sqrt if step_scale == "sqrt" else (lambda s: np.log10(1 + np.asarray(s)))
+    forward = _step_transform(step_scale)
     onsets = _events(inputs, "onset_step", inputs.labels)
     flags = _events(inputs, "first_flag_step", inputs.scores)
     rows: list[str] = []
@@ -146,9 +170,14 @@ def timelines(inputs: ExportInputs, paths: list[Path], step_scale: str = "sqrt")
     )  # fmt: skip
     bottom = ax
     if ax_metric is not None:
-        values = inputs.table.set_index(["run", "step"])[metric]
+        table = inputs.table.copy()
+        if normalize:  # each run on its own 0..1 scale: shapes, not levels
+            grouped = table.groupby("run")[metric]
+            low, high = grouped.transform("min"), grouped.transform("max")
+            table[metric] = (table[metric] - low) / (high - low).where(high > low)
+        values = table.set_index(["run", "step"])[metric]
         for run in reversed(order):  # flagged runs drawn last, on top
-            grp = inputs.table[inputs.table["run"] == run].sort_values("step")
+            grp = table[table["run"] == run].sort_values("step")
             red = run in inputs.flagged
             ax_metric.plot(forward(grp["step"].to_numpy(float)), grp[metric],
                            color="crimson" if red else "0.6", lw=1.3 if red else 0.8,
@@ -168,7 +197,7 @@ def timelines(inputs: ExportInputs, paths: list[Path], step_scale: str = "sqrt")
             lo, hi = np.nanpercentile(finite, [0.5, 99.5])
             pad = 0.08 * (hi - lo) if hi > lo else 1.0
             ax_metric.set_ylim(lo - pad, hi + pad)
-        ax_metric.set_ylabel(metric, fontsize=8)
+        ax_metric.set_ylabel(metric + (" (per run, 0-1)" if normalize else ""), fontsize=8)
         ax_metric.tick_params(labelsize=8)
         ax_metric.set_title(f"{metric}, y axis fitted to the last 90% of training (red: flagged "
                             "runs; black dot: labelled onset; red \u25bc: first flag)",
@@ -176,7 +205,7 @@ def timelines(inputs: ExportInputs, paths: list[Path], step_scale: str = "sqrt")
         bottom = ax_metric
     bottom.set_xticks(forward(np.array(nice, float)), [str(s) for s in nice])
     bottom.set_xlabel(f"step ({step_scale} scale)")
-    return save(fig, paths)
+    return _saved(fig, paths)
 
 
 def plot_selection(selection: pd.DataFrame, chosen: int, k_likelihood: int | None = None,
@@ -239,12 +268,14 @@ def plot_selection(selection: pd.DataFrame, chosen: int, k_likelihood: int | Non
     return fig
 
 
-def selection(inputs: ExportInputs, paths: list[Path]) -> list[Path]:
+def selection(inputs: ExportInputs, paths: list[Path] | None = None, fig=None):
+    """:func:`plot_selection` of the inputs' model; returns the Figure."""
     model = inputs.model
     fig = plot_selection(
-        model.selection_, inputs.graph["n_states"], getattr(model, "n_states_likelihood_", None)
-    )
-    return save(fig, paths)
+        model.selection_, inputs.graph["n_states"],
+        getattr(model, "n_states_likelihood_", None), fig=fig,
+    )  # fmt: skip
+    return _saved(fig, paths)
 
 
 def separating_features(inputs: ExportInputs, n: int = N_TOP_FEATURES) -> list[str]:
@@ -264,11 +295,14 @@ def separating_features(inputs: ExportInputs, n: int = N_TOP_FEATURES) -> list[s
     return sorted(ratios, key=lambda f: -ratios[f])[:n]
 
 
-def features_figure(inputs: ExportInputs, paths: list[Path]) -> list[Path]:
+def features_figure(inputs: ExportInputs, paths: list[Path] | None = None, fig=None):
+    """The features that best separate the states, per run over steps, points coloured
+    by state. Draws into ``fig`` when given; returns the Figure."""
     top = separating_features(inputs)
     colors = state_colors(inputs.graph["n_states"])
     rows = (N_TOP_FEATURES + 1) // 2
-    fig = Figure(figsize=figure_size("features", inputs), dpi=DPI, layout="constrained")
+    if fig is None:
+        fig = Figure(figsize=figure_size("features", inputs), dpi=DPI, layout="constrained")
     axes = fig.subplots(rows, 2, squeeze=False)
     data = inputs.table.merge(inputs.paths, on=["run", "step"]).sort_values("step")
     for ax, feature in zip(axes.flat, top + [None] * (axes.size - len(top)), strict=True):
@@ -292,7 +326,7 @@ def features_figure(inputs: ExportInputs, paths: list[Path]) -> list[Path]:
         loc="outside right upper", fontsize=8, frameon=False,
     )  # fmt: skip
     fig.suptitle("Features that best separate the states (points coloured by state)", fontsize=10)
-    return save(fig, paths)
+    return _saved(fig, paths)
 
 
 def plot_fingerprint(graph: dict, features: list[str] | None = None, n: int = 8, ax=None):
@@ -339,17 +373,23 @@ def plot_fingerprint(graph: dict, features: list[str] | None = None, n: int = 8,
     return fig
 
 
-def fingerprint(inputs: ExportInputs, paths: list[Path]) -> list[Path]:
-    return save(plot_fingerprint(inputs.graph), paths)
+def fingerprint(inputs: ExportInputs, paths: list[Path] | None = None, ax=None):
+    """:func:`plot_fingerprint` of the inputs' map; returns the Figure."""
+    return _saved(plot_fingerprint(inputs.graph, ax=ax), paths)
 
 
-def risk_figure(inputs: ExportInputs, paths: list[Path]) -> list[Path]:
-    fig = Figure(figsize=figure_size("risk", inputs), dpi=DPI, layout="constrained")
-    ax = fig.subplots()
+def risk_figure(inputs: ExportInputs, paths: list[Path] | None = None, ax=None):
+    """Runs ranked by evidence (-log10 p; risk for a first-scorer SCORES.csv), flagged runs
+    red, labels marked, signal z-scores at right. Draws into ``ax`` when given; returns
+    the Figure."""
+    if ax is None:
+        fig = Figure(figsize=figure_size("risk", inputs), dpi=DPI, layout="constrained")
+        ax = fig.subplots()
+    fig = ax.figure
     if inputs.scores is None:
         ax.text(0.5, 0.5, "no scores given (polymap export --scores SCORES.csv)", ha="center")
         ax.axis("off")
-        return save(fig, paths)
+        return _saved(fig, paths)
     scores = inputs.scores.sort_values("risk", ascending=True)
     y = np.arange(len(scores))
     bar_colors = ["crimson" if f else "0.6" for f in scores["flagged"].astype(bool)]
@@ -379,4 +419,4 @@ def risk_figure(inputs: ExportInputs, paths: list[Path]) -> list[Path]:
         title += f"; checkpoints up to step {int(horizon)}"
     ax.set_title(title, fontsize=9)
     ax.set_xlabel(xlabel)
-    return save(fig, paths)
+    return _saved(fig, paths)

@@ -34,13 +34,21 @@ DPI = 100  # every PNG is figsize x DPI pixels (no tight bounding box)
 # pyplot state is touched, so exporting from a notebook leaves its inline plots alone.
 
 
+# Okabe & Ito's colour-blind-safe palette (black left out: state numbers are drawn on it)
+OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442",
+             "#999999")  # fmt: skip
+
+
 def state_colors(n_states: int) -> list[str]:
-    """One colour per state, shared by every picture (hex strings).
+    """One colour per state, shared by every picture (hex strings): Okabe-Ito's
+    colour-blind-safe palette up to 8 states, tab20 beyond.
 
     >>> state_colors(3)
-    ['#1f77b4', '#ff7f0e', '#2ca02c']
+    ['#0072B2', '#E69F00', '#009E73']
     """
-    cmap = matplotlib.colormaps["tab10" if n_states <= 10 else "tab20"]
+    if n_states <= len(OKABE_ITO):
+        return list(OKABE_ITO[:n_states])
+    cmap = matplotlib.colormaps["tab20"]
     return [matplotlib.colors.to_hex(cmap(i % cmap.N)) for i in range(n_states)]
 
 

@@ -53,14 +53,18 @@ class ExportInputs:
         return set(self.labels.loc[self.labels["unstable"].astype(bool), "run"])
 
 
-def _read_csv(path: str | Path, what: str, required: tuple[str, ...]) -> pd.DataFrame:
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"--{what} {path}: no such file")
-    try:
-        frame = pd.read_csv(path)
-    except (ValueError, OSError) as err:
-        raise ExportError(f"--{what} {path}: unreadable CSV ({err})") from err
+def _read_csv(path, what: str, required: tuple[str, ...]) -> pd.DataFrame:
+    """A CSV path, or a DataFrame as it is (from a notebook), with ``required`` columns."""
+    if isinstance(path, pd.DataFrame):
+        frame, path = path.copy(), f"({what} DataFrame)"
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise ExportError(f"--{what} {path}: no such file")
+        try:
+            frame = pd.read_csv(path)
+        except (ValueError, OSError) as err:
+            raise ExportError(f"--{what} {path}: unreadable CSV ({err})") from err
     missing = [c for c in required if c not in frame.columns]
     if missing:
         raise ExportError(f"--{what} {path}: missing column(s) {missing}")
@@ -87,13 +91,17 @@ def default_metric(table: pd.DataFrame, features: list[str]) -> str | None:
 
 def load_inputs(
     model_dir: str | Path,
-    scores: str | Path | None = None,
-    labels: str | Path | None = None,
+    scores: str | Path | pd.DataFrame | None = None,
+    labels: str | Path | pd.DataFrame | None = None,
     metric: str | None = None,
     table: str | Path | pd.DataFrame | None = None,
-    backtest: str | Path | None = None,
+    backtest: str | Path | pd.DataFrame | None = None,
 ) -> ExportInputs:
-    """Read and check a MODEL_DIR and the optional CSVs (see module docs)."""
+    """Read and check a MODEL_DIR and the optional CSVs or DataFrames (see module docs):
+    what every figure function of :mod:`polymap.export.figures` draws from.
+
+    >>> inputs = load_inputs("model/", scores=scores_df, labels="labels.csv")  # doctest: +SKIP
+    """
     from polymap.phases import PhaseModel, describe
     from polymap.phases.graph import read_graph, read_paths
     from polymap.table import read_table
