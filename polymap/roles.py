@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from polymap.errors import UsageError
 
 ROLES = ("embed", "unembed", "attn_qkv", "attn_out", "mlp_in", "mlp_out", "norm", "other")
-KINDS = ("weight", "bias", "buffer")
 
 
 @dataclass(frozen=True)
@@ -86,11 +85,18 @@ _REGISTRY: dict[str, Architecture] = {}
 _COMMON_BUFFERS = (r"\.masked_bias$", r"\.inv_freq$", r"\.position_ids$", r"_float_tensor$")
 
 
-def register_architecture(arch: Architecture) -> Architecture:
-    """Add (or replace) an architecture table. Returns it, so it can decorate a constant."""
+def register_architecture(arch: Architecture, replace: bool = False) -> Architecture:
+    """Add an architecture table; returns it, so it can decorate a constant. A different
+    table under a name already taken is an error unless ``replace=True``."""
     for pattern, role in arch.rules:
         if role not in ROLES:
             raise UsageError(f"role {role!r} in rule {pattern!r} is not one of {ROLES}")
+    known = _REGISTRY.get(arch.name)
+    if known is not None and known != arch and not replace:
+        raise UsageError(
+            f"architecture name {arch.name!r} is already registered with other rules; "
+            "pick another name or pass replace=True"
+        )
     _REGISTRY[arch.name] = arch
     return arch
 

@@ -182,3 +182,36 @@ def test_label_missing_metric_lists_metric_columns(tmp_path, capsys):
                  "--out", str(tmp_path / "l.csv")]) == 2  # fmt: skip
     err = capsys.readouterr().err
     assert "eval.piqa.acc" in err and "seed" not in err
+
+
+def test_registries_refuse_a_second_meaning_for_a_name():
+    from polymap.errors import UsageError
+    from polymap.features import FeatureSet, feature_sets, register_feature_set
+    from polymap.features.base import _REGISTRY
+
+    class Mine(FeatureSet):
+        name = "test_mine"
+
+    class Other(FeatureSet):
+        name = "test_mine"
+
+    try:
+        register_feature_set(Mine)
+        register_feature_set(Mine)  # the same class again (a re-imported module): fine
+        with pytest.raises(UsageError, match="taken by"):
+            register_feature_set(Other)
+        assert feature_sets()["test_mine"] is Mine
+        register_feature_set(replace=True)(Other)
+        assert feature_sets()["test_mine"] is Other
+    finally:
+        _REGISTRY.pop("test_mine", None)
+
+    from polymap.roles import _REGISTRY as ARCHS
+    from polymap.roles import architectures, register_architecture
+
+    neox = architectures()["gpt_neox"]
+    assert register_architecture(neox) is neox  # the same table: fine
+    changed = type(neox)(**{**neox.__dict__, "rules": neox.rules[:1]})
+    with pytest.raises(UsageError, match="already registered"):
+        register_architecture(changed)
+    assert ARCHS["gpt_neox"] is neox

@@ -270,3 +270,22 @@ def test_defect_arguments(tmp_path, capsys):
     x = torch.randn(1000, generator=torch.Generator().manual_seed(0))
     assert torch.equal(round_mantissa(x, 7), x.to(torch.bfloat16).to(torch.float32))
     capsys.readouterr()
+
+
+def test_build_leaves_the_callers_torch_state_alone(tmp_path):
+    import torch
+
+    before_threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, before_threads))
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.manual_seed(1234)
+    rng = torch.get_rng_state()
+    try:
+        build(tmp_path / "s", sizes="pico", seeds="0", steps=20, unstable="", progress=False,
+              jobs=1)  # fmt: skip
+        assert torch.get_num_threads() == threads  # not left at the training's 1 thread
+        assert torch.are_deterministic_algorithms_enabled() == deterministic
+        assert torch.equal(torch.get_rng_state(), rng)
+    finally:
+        torch.set_num_threads(before_threads)

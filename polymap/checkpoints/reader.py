@@ -237,9 +237,6 @@ class TensorReader:
         for name in self.names():
             yield name, self.get(name)
 
-    def weight_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.files)
-
     def close(self) -> None:
         self._stack.close()
         self._where.clear()

@@ -207,12 +207,32 @@ _REGISTRY: dict[str, type[FeatureSet]] = {}
 DEFAULT_FEATURE_SETS = ("hu2023", "weights", "spectral")
 
 
-def register_feature_set(cls: type[FeatureSet]) -> type[FeatureSet]:
-    """Class decorator: make a feature set available by its ``name``."""
-    if not cls.name or "." in cls.name:
-        raise UsageError(f"feature set name {cls.name!r} must be non-empty and contain no '.'")
-    _REGISTRY[cls.name] = cls
-    return cls
+def register_feature_set(cls=None, *, replace: bool = False):
+    """Class decorator: make a feature set available by its ``name``. Another class
+    under a name already taken is an error (``replace=True`` to mean it); registering
+    the same class again is harmless.
+
+    >>> @register_feature_set                                   # doctest: +SKIP
+    ... class MySet(FeatureSet): name = "myset"
+    """
+
+    def register(cls: type[FeatureSet]) -> type[FeatureSet]:
+        if not cls.name or "." in cls.name:
+            raise UsageError(f"feature set name {cls.name!r} must be non-empty and contain no '.'")
+        known = _REGISTRY.get(cls.name)
+        if known is not None and not replace and _qualname(known) != _qualname(cls):
+            raise UsageError(
+                f"feature set name {cls.name!r} is taken by {_qualname(known)}; pick another "
+                f"name for {_qualname(cls)} or pass replace=True"
+            )
+        _REGISTRY[cls.name] = cls
+        return cls
+
+    return register if cls is None else register(cls)
+
+
+def _qualname(cls) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def feature_sets() -> dict[str, type[FeatureSet]]:

@@ -44,7 +44,6 @@ class FitResult:
     seed: int
     model: object | None
     log_likelihood: float  # total, on the data it was scored on
-    n_samples: int
     converged: bool
     degenerate: bool
     iterations: int
@@ -94,7 +93,7 @@ def fit_hmm(
                 model, total = attempt("log")
         except (ValueError, np.linalg.LinAlgError, FloatingPointError) as err:
             log.debug("K=%d seed=%d failed: %s", k, seed, err)
-            return FitResult(k, 0, seed, None, -math.inf, len(X), False, True, 0)
+            return FitResult(k, 0, seed, None, -math.inf, False, True, 0)
     monitor = model.monitor_
     history = list(monitor.history)
     improved = abs(history[-1] - history[-2]) if len(history) > 1 else math.inf
@@ -108,7 +107,7 @@ def fit_hmm(
     if not degenerate and k > 1:
         mass = model.predict_proba(X, lengths).sum(axis=0) / len(X)
         degenerate = bool((mass < EMPTY_STATE_MASS).any())
-    return FitResult(k, 0, seed, model, total, len(X), converged, degenerate, monitor.iter)
+    return FitResult(k, 0, seed, model, total, converged, degenerate, monitor.iter)
 
 
 def run_folds(n_runs: int, n_folds: int, seed: int) -> list[np.ndarray]:

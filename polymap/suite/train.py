@@ -8,6 +8,7 @@ order, deterministic kernels). The run is written to ``<run>.partial/`` and rena
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -99,6 +100,28 @@ def _validation_loss(model, val: torch.Tensor) -> float:
     return sum(losses) / len(losses)
 
 
+@contextlib.contextmanager
+def torch_state_restored():
+    """Whatever a training run sets globally - torch's thread count, deterministic mode,
+    the global RNG, transformers' progress bars - is put back afterwards, so a library
+    call leaves the caller's process as it found it."""
+    from transformers.utils import logging as hf_logging
+
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    rng = torch.get_rng_state()
+    bars = hf_logging.is_progress_bar_enabled()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.set_rng_state(rng)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def train_run(
     spec: RunSpec,
     out: Path,
@@ -113,8 +136,14 @@ def train_run(
     On the CPU (the default) a run uses one thread and is bit-identical on the same
     machine. ``device="cuda"`` trains on the GPU with deterministic kernels requested
     (reproducible on the same GPU and software, not identical to the CPU run).
-    ``on_step(step)`` is called after every optimizer step (for progress bars).
+    ``on_step(step)`` is called after every optimizer step (for progress bars). The
+    caller's torch settings are restored afterwards (:func:`torch_state_restored`).
     """
+    with torch_state_restored():
+        return _train_run(spec, out, train_ids, val_ids, tokenizer, on_step, device)
+
+
+def _train_run(spec, out, train_ids, val_ids, tokenizer, on_step, device) -> Path:
     from transformers import GPTNeoXForCausalLM
     from transformers.utils import logging as hf_logging
 
