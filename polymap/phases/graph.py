@@ -225,7 +225,7 @@ def fit_model_dir(
 def describe(directory: str | Path) -> str:
     """A readable account of a model directory: chosen K and why, the states, when runs
     enter them, transitions and detours."""
-    from polymap.phases.io import _read_selection, read_model_files
+    from polymap.phases.io import read_model_files, read_selection
 
     directory = Path(directory)
     groups = directory / "groups.json"
@@ -245,7 +245,7 @@ def describe(directory: str | Path) -> str:
         f"(scale: {meta['preprocessing']['scale']}, covariance: {meta['covariance']}).",
         f"Why K={graph['n_states']}: {graph['reason']}.",
     ]
-    sel = _read_selection(directory / "selection.csv")
+    sel = read_selection(directory / "selection.csv")
     k_likelihood = meta.get("n_states_likelihood", k)
     k_likelihood = k_likelihood if isinstance(k_likelihood, int) else k
     noise = "noise_separation" in sel.columns and sel["noise_separation"].notna().any()

@@ -271,14 +271,14 @@ def load_model(cls, directory: Path):
     model.n_states_likelihood_ = k_likelihood if isinstance(k_likelihood, int) else model.n_states_
     model.n_degenerate_ = meta["n_degenerate"]
     model.n_not_converged_ = meta["n_not_converged"]
-    model.selection_ = _read_selection(directory / "selection.csv")
+    model.selection_ = read_selection(directory / "selection.csv")
     return model
 
 
 SELECTION_COLUMNS = ("k", "seed", "heldout_ll", "train_ll", "bic", "converged", "degenerate")
 
 
-def _read_selection(path: Path) -> pd.DataFrame:
+def read_selection(path: Path) -> pd.DataFrame:
     if not path.exists():
         return pd.DataFrame()
     try:

@@ -35,7 +35,7 @@ import warnings
 import numpy as np
 import pandas as pd
 
-STDERR_SUFFIX = "_stderr"
+from polymap.phases.preprocess import UNCERTAINTY_SUFFIX
 
 
 def critical_separation(n_features: int) -> float:
@@ -48,7 +48,7 @@ def critical_separation(n_features: int) -> float:
 def stderr_matrix(table: pd.DataFrame, features: list[str]) -> np.ndarray | None:
     """The ``<feature>_stderr`` values aligned with ``features`` (rows x features), or
     None when any feature has no such column."""
-    columns = [f"{f}{STDERR_SUFFIX}" for f in features]
+    columns = [f"{f}{UNCERTAINTY_SUFFIX}" for f in features]
     if not features or any(c not in table.columns for c in columns):
         return None
     return table[columns].to_numpy(float)

@@ -43,11 +43,13 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
 
 from polymap.errors import UsageError
+from polymap.phases.preprocess import UNCERTAINTY_SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,6 @@ K_MAD = 5.0
 LASTING = 3
 NOISE_Z = 3.0
 GAP_FRACTION = 0.1
-STDERR_SUFFIX = "_stderr"
 
 
 def _guess_higher_is_better(metric: str) -> bool:
@@ -65,7 +66,7 @@ def _guess_higher_is_better(metric: str) -> bool:
 
 def _curves(table: pd.DataFrame, metric: str) -> dict[str, np.ndarray]:
     """run -> (checkpoints x 3) array of step, value, stderr (NaN without a column)."""
-    se = f"{metric}{STDERR_SUFFIX}"
+    se = f"{metric}{UNCERTAINTY_SUFFIX}"
     columns = ["step", metric] + ([se] if se in table.columns else [])
     out = {}
     for run, grp in table.groupby("run", sort=True):
@@ -89,12 +90,9 @@ def _median_curve(curves: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray
         ok = np.isfinite(c[:, 2])
         if ok.any():
             errors[i, inside] = np.interp(steps[inside], c[ok, 0], c[ok, 2])
-    with np.errstate(all="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return steps, np.nanmedian(values, axis=0), np.nanmedian(errors, axis=0)
+    with warnings.catch_warnings():  # all-NaN steps: NaN, not a warning
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return steps, np.nanmedian(values, axis=0), np.nanmedian(errors, axis=0)
 
 
 def metric_scale(curves: dict[str, np.ndarray], sign: float) -> tuple[float, float | None]:
@@ -165,7 +163,7 @@ def label_runs(
         if column not in table.columns:
             metrics = [
                 c for c in table.select_dtypes("number").columns
-                if c not in ("step", "seed", "tokens") and not c.endswith("_stderr")
+                if c not in ("step", "seed", "tokens") and not c.endswith(UNCERTAINTY_SUFFIX)
             ]  # fmt: skip
             close = [c for c in metrics if column.split(".")[-1] in c] or metrics
             shown = ", ".join(close[:10]) + (

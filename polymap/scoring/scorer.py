@@ -75,7 +75,7 @@ from sklearn.base import BaseEstimator, clone
 
 from polymap.phases.io import jsonable
 from polymap.phases.model import PhaseModel
-from polymap.phases.preprocess import PhaseInputError, usable_rows
+from polymap.phases.preprocess import UNCERTAINTY_SUFFIX, PhaseInputError, usable_rows
 from polymap.scoring.score import ScoringError, horizon_step, path_disagreement
 from polymap.table import feature_columns
 
@@ -95,7 +95,7 @@ SCORER_JSON = "scorer.json"
 # not early-warning evidence: ``drift`` looks at the run's final checkpoint; standard
 # errors and non-finite counters describe a measurement, not the training state
 EXCLUDED_SETS = ("drift",)
-EXCLUDED_SUFFIXES = ("_stderr", "nonfinite_fraction", ".nonfinite")
+EXCLUDED_SUFFIXES = (UNCERTAINTY_SUFFIX, "nonfinite_fraction", ".nonfinite")
 
 
 def scoring_features(table: pd.DataFrame, features: str | list[str] | None = None) -> list[str]:
@@ -146,7 +146,7 @@ def floor_ends(reference: pd.DataFrame, features: list[str]) -> dict[str, float]
 
     out = {}
     for f in features:
-        column = f"{f}_stderr"
+        column = f"{f}{UNCERTAINTY_SUFFIX}"
         if column not in reference.columns:
             continue
         by_step = reference.groupby("step")[[f, column]].median().sort_index()
@@ -278,8 +278,8 @@ def feature_z(
         floor = np.maximum(floor * spread, 1e-12)
         noise = np.zeros_like(values)
         for j, f in enumerate(features):
-            if f"{f}_stderr" in target.columns:
-                noise[:, j] = np.nan_to_num(target[f"{f}_stderr"].to_numpy(float))
+            if f"{f}{UNCERTAINTY_SUFFIX}" in target.columns:
+                noise[:, j] = np.nan_to_num(target[f"{f}{UNCERTAINTY_SUFFIX}"].to_numpy(float))
         median = np.nanmedian(peers, axis=0)
         mad = 1.4826 * np.nanmedian(np.abs(peers - median), axis=0)
         z = np.abs((values - median) / np.maximum(np.maximum(mad, floor), noise))
