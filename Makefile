@@ -19,6 +19,9 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+test-fast: install  # the edit-test loop: everything but the tests marked slow
+	$(BIN)/python -m pytest -q -m "not slow"
+
 lint: install
 	$(BIN)/ruff check polymap tests benchmarks examples
 	$(BIN)/ruff format --check polymap tests benchmarks examples
@@ -26,4 +29,4 @@ lint: install
 bench: install
 	$(BIN)/python benchmarks/bench_extract.py
 
-.PHONY: install demo test lint bench
+.PHONY: install demo test test-fast lint bench

@@ -79,8 +79,8 @@ def online_on_demo(demo: str, repeats: int) -> None:
 
     from polymap.checkpoints import CheckpointRef
     from polymap.extraction import extract_checkpoint
+    from polymap.pipeline import DEMO_FEATURES
     from polymap.scoring import RiskScorer
-    from polymap.suite.demo import DEMO_FEATURES
 
     root = Path(demo)
     run = sorted((root / "suite").glob("nano-seed*"))[0]

@@ -59,8 +59,35 @@ def config(args) -> dict:
         "planted": args.planted,
         "defects": {d.name: list(d.grid) for d in DEFECTS.values()},
         "features": "hu2023,weights,spectral,evals_native",
+        "probe_eval_sequences": _probe_spec().eval_sequences,
         "version": 1,
     }
+
+
+def _probe_spec():
+    from polymap.features.probe import ProbeSpec
+
+    return ProbeSpec()
+
+
+def refresh_evals(table: Path, source: Path | list[Path], jobs: int) -> None:
+    """Re-extract ``evals_native`` (only) of a zoo table made with another probe: the
+    other feature sets do not read the probe and are kept."""
+    from polymap.extraction import extract
+    from polymap.table import read_table, write_table
+
+    meta = table.with_name(table.name + ".probe.json")
+    spec = json.loads(meta.read_text()).get("spec", {}) if meta.exists() else {}
+    if not table.exists() or spec.get("eval_sequences") == _probe_spec().eval_sequences:
+        return
+    frame = read_table(table)
+    frame = frame.drop(columns=[c for c in frame if c.startswith("evals_native.")])
+    frame["feature_sets"] = frame["feature_sets"].map(
+        lambda s: ",".join(x for x in str(s).split(",") if x != "evals_native")
+    )
+    write_table(frame, table)
+    extract(source, out=table, features="evals_native", jobs=jobs, progress=False,
+            executor="process" if jobs > 1 else "local")  # fmt: skip
 
 
 def zoo_dir(cfg: dict) -> Path:
@@ -105,6 +132,10 @@ def build_zoo(cfg: dict, jobs: int) -> Path:
               jobs=jobs)  # fmt: skip
     print(f"zoo trained in {time.perf_counter() - t:.0f} s", flush=True)
     t = time.perf_counter()
+    refresh_evals(root / "healthy.parquet", root / "healthy", jobs)
+    for defect, strength in cases(cfg):
+        name = case_name(defect, strength)
+        refresh_evals(root / "cases" / f"{name}.parquet", root / "cases" / name, jobs)
     extract(root / "healthy", out=root / "healthy.parquet", features=cfg["features"], jobs=jobs,
             executor="process" if jobs > 1 else "local")  # fmt: skip
     for defect, strength in cases(cfg):
@@ -159,11 +190,11 @@ def healthy_suites(root: Path, cfg: dict):
 
 # -- baselines --------------------------------------------------------------------------
 def _robust_z(value: float, others: np.ndarray) -> float:
+    from polymap.robust import robust_z
+
     others = others[np.isfinite(others)]
-    median = np.median(others)
-    mad = 1.4826 * np.median(np.abs(others - median))
-    spread = max(mad, 1e-12, 0.05 * (np.percentile(others, 75) - np.percentile(others, 25)))
-    return float((value - median) / spread)
+    iqr = float(np.subtract(*np.percentile(others, [75, 25])))
+    return robust_z(value, others, floor=0.05 * iqr)
 
 
 def _at_horizon(table: pd.DataFrame, column: str, cut: int) -> pd.Series:

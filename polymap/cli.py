@@ -11,7 +11,9 @@ import os
 import sys
 from pathlib import Path
 
+from polymap.atomic import write_csv
 from polymap.errors import PolymapError, UsageError
+from polymap.executors import executors
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -43,6 +45,7 @@ def _probe_spec(args: argparse.Namespace):
 
     return ProbeSpec(
         sequences=_positive_int(str(args.probe_sequences), "--probe-sequences"),
+        eval_sequences=_positive_int(str(args.probe_eval_sequences), "--probe-eval-sequences"),
         length=_positive_int(str(args.probe_length), "--probe-length"),
         tokens=args.probe_tokens,
         text=args.probe_text,
@@ -138,7 +141,7 @@ def _features(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from polymap.suite.demo import run_demo, summary_text
+    from polymap.pipeline import run_demo, summary_text
 
     summary = run_demo(args.out, seeds=args.n_seeds, steps=args.train_steps, jobs=args.jobs,
                        lm_eval=not args.no_lm_eval)  # fmt: skip
@@ -337,8 +340,7 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _write_scores(scores, out: str) -> None:
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    scores.to_csv(out, index=False)
+    write_csv(scores, out)
     columns = ("run", "risk", "flagged", "p_value", "first_flag_step")
     shown = [c for c in columns if c in scores]
     print(scores[shown].to_string(index=False))
@@ -401,8 +403,7 @@ def _label(args: argparse.Namespace) -> int:
         spike=spike,
         group_by=args.group_by,
     )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    labels.to_csv(args.out, index=False)
+    write_csv(labels, args.out)
     print(labels.to_string(index=False))
     print(f"wrote {args.out}: {int(labels['unstable'].sum())} of {len(labels)} unstable")
     return EXIT_OK
@@ -562,7 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--executor",
         default=None,
-        choices=["local", "process", "ray"],
+        choices=executors(),
         help="where checkpoints are extracted (default: process if --jobs > 1)",
     )
     p.add_argument("--address", default=None, help="Ray cluster: auto, HOST:PORT, ray://HOST:PORT")
@@ -581,7 +582,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--probe-text", default=None, help="probe text file (model-level sets)")
     p.add_argument("--probe-tokens", default=None, help="probe token ids (.npy or text ints)")
-    p.add_argument("--probe-sequences", type=_at_least(1), default=8, help="probe rows")
+    p.add_argument(
+        "--probe-sequences", type=_at_least(1), default=8,
+        help="probe rows for statistics of model internals (activations, gradients, ...)",
+    )  # fmt: skip
+    p.add_argument(
+        "--probe-eval-sequences", type=_at_least(1), default=64,
+        help="probe rows for evals_native's loss and accuracy (a loss needs more tokens)",
+    )  # fmt: skip
     p.add_argument("--probe-length", type=_at_least(1), default=128, help="tokens per probe row")
     p.set_defaults(func=_extract, out_kind="file")
 

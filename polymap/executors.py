@@ -30,12 +30,9 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
-import torch
-
 from polymap.errors import PolymapError, UsageError
 
 log = logging.getLogger(__name__)
-EXECUTORS = ("local", "process", "ray")
 DEFAULT_RETRIES = 2
 
 
@@ -118,6 +115,8 @@ def _worker_init(threads: int, parent: int | None = None) -> None:
     die_with_parent(parent)
     for variable in THREAD_VARIABLES:
         os.environ[variable] = str(threads)
+    import torch
+
     torch.set_num_threads(threads)
     try:
         from threadpoolctl import threadpool_limits
@@ -125,6 +124,15 @@ def _worker_init(threads: int, parent: int | None = None) -> None:
         threadpool_limits(threads)  # libraries already loaded
     except ImportError:  # pragma: no cover - scikit-learn brings threadpoolctl
         pass
+
+
+def _died(crashes: int, finished_any: bool) -> str:
+    reason = f"worker process died {crashes} time(s) on this task (killed or out of memory?"
+    if not finished_any and getattr(sys.modules.get("__main__"), "__file__", None):
+        # spawned workers re-import the script: unguarded top-level code runs again there
+        reason += "; if no task has ever finished, does your script guard its top-level "
+        reason += "code with `if __name__ == '__main__':`?"
+    return reason + ")"
 
 
 class ProcessExecutor(Executor):
@@ -156,6 +164,7 @@ class ProcessExecutor(Executor):
         queue = deque(tasks)
         suspects: deque = deque()  # (task, crashes so far)
         running: dict = {}
+        finished_any = False  # no task ever finished: the workers may not start at all
         self._pool = self._new_pool()
         try:
             while queue or suspects or running:
@@ -171,6 +180,7 @@ class ProcessExecutor(Executor):
                 if not any(isinstance(f.exception(), BrokenProcessPool) for f in done):
                     for future in done:
                         task, _ = running.pop(future)
+                        finished_any = True
                         yield task, future.result()
                     if suspects:  # finish the suspects alone before taking new work
                         continue
@@ -181,19 +191,13 @@ class ProcessExecutor(Executor):
                 alone = len(running) == 1
                 for future, (task, crashes) in list(running.items()):
                     if future.done() and not isinstance(future.exception(), BrokenProcessPool):
+                        finished_any = True
                         yield task, future.result()
                         continue
                     if alone:
                         crashes = (crashes or 0) + 1
                         if crashes > self.retries:
-                            yield (
-                                task,
-                                TaskFailed(
-                                    f"worker process died {crashes} time(s) on this checkpoint "
-                                    "(killed or out of memory?)",
-                                    crashes,
-                                ),
-                            )
+                            yield task, TaskFailed(_died(crashes, finished_any), crashes)
                             continue
                         log.warning("worker died on %s; retrying (%d)", task[0], crashes)
                     suspects.append((task, crashes or 0))
@@ -301,6 +305,43 @@ class RayExecutor(Executor):
             self._owned = False
 
 
+# name -> factory(jobs=, address=, gpus_per_task=, retries=): the one list of executors,
+# read by :func:`get_executor` and the CLI's ``--executor`` choices.
+_REGISTRY: dict[str, Callable[..., Executor]] = {}
+
+
+def register_executor(name: str, factory: Callable[..., Executor], replace: bool = False):
+    """Make ``factory(jobs=, address=, gpus_per_task=, retries=)`` available as
+    ``executor=name`` (API) and ``--executor name`` (CLI). A taken name is an error unless
+    ``replace=True``.
+
+    >>> register_executor("local", lambda **kw: LocalExecutor())
+    Traceback (most recent call last):
+    polymap.errors.UsageError: executor name 'local' is taken; pass replace=True to replace it
+    """
+    if name in _REGISTRY and not replace:
+        raise UsageError(f"executor name {name!r} is taken; pass replace=True to replace it")
+    _REGISTRY[name] = factory
+    return factory
+
+
+def executors() -> tuple[str, ...]:
+    """The registered executor names."""
+    return tuple(_REGISTRY)
+
+
+register_executor("local", lambda **kw: LocalExecutor())
+register_executor(
+    "process", lambda jobs=1, retries=DEFAULT_RETRIES, **kw: ProcessExecutor(max(1, jobs), retries)
+)
+register_executor(
+    "ray",
+    lambda address=None, gpus_per_task=0, retries=DEFAULT_RETRIES, **kw: RayExecutor(
+        address=address, num_gpus=gpus_per_task, retries=retries
+    ),
+)
+
+
 def get_executor(
     name: str = "local",
     jobs: int = 1,
@@ -308,11 +349,8 @@ def get_executor(
     gpus_per_task: float = 0,
     retries: int = DEFAULT_RETRIES,
 ) -> Executor:
-    """An executor by name: ``local``, ``process`` (``jobs`` workers) or ``ray``."""
-    if name == "local":
-        return LocalExecutor()
-    if name == "process":
-        return ProcessExecutor(jobs=max(1, jobs), retries=retries)
-    if name == "ray":
-        return RayExecutor(address=address, num_gpus=gpus_per_task, retries=retries)
-    raise UsageError(f"executor {name!r} is not one of {EXECUTORS}")
+    """An executor by name: ``local``, ``process`` (``jobs`` workers), ``ray``, or one
+    added with :func:`register_executor`."""
+    if name not in _REGISTRY:
+        raise UsageError(f"executor {name!r} is not one of {executors()}")
+    return _REGISTRY[name](jobs=jobs, address=address, gpus_per_task=gpus_per_task, retries=retries)

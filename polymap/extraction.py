@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -30,6 +31,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from polymap.atomic import write_json
 from polymap.checkpoints import (
     CheckpointError,
     CheckpointRef,
@@ -42,29 +44,17 @@ from polymap.checkpoints import (
     read_config,
 )
 from polymap.checkpoints.prefetch import HubPrefetcher
-from polymap.errors import UsageError
+from polymap.device import resolve_device
 from polymap.executors import DEFAULT_RETRIES, Executor, LocalExecutor, TaskFailed, get_executor
 from polymap.features import CheckpointContext, FeatureUnavailableError, Param, get_feature_sets
 from polymap.features.base import FeatureSet
 from polymap.features.probe import ProbeSpec, build_probe, load_causal_lm, max_positions
+from polymap.plugins import Registrations
 from polymap.roles import assign_role, detect_architecture, is_known
 from polymap.table import FeatureStore, normalize
 
 log = logging.getLogger(__name__)
 COMPACT_EVERY = 64
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise UsageError(f"device={device!r} is not one of 'auto', 'cpu', 'cuda'")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"device={device!r} requested but no CUDA GPU is available")
-    return torch.device(device)
 
 
 def _base_row(ref: CheckpointRef, sets: Sequence[type[FeatureSet]]) -> dict:
@@ -255,7 +245,6 @@ def save_probe(spec: ProbeSpec, refs: Sequence[CheckpointRef], table: Path) -> P
     """Write the probe batch next to the table (``<table>.probe.npy`` + ``.probe.json``)
     for reproducibility: the token ids of the first local checkpoint's tokenizer (every
     run of a suite shares it) and the spec that made them."""
-    import json
 
     import numpy as np
 
@@ -268,14 +257,14 @@ def save_probe(spec: ProbeSpec, refs: Sequence[CheckpointRef], table: Path) -> P
         log.info("probe not saved: %s", err)
         return None
     npy = table.with_name(table.name + ".probe.npy")
-    np.save(npy, probe.ids.numpy())
+    np.save(npy, probe.eval_ids.numpy())  # all rows; statistics use the first `sequences`
     meta = {
         "spec": dataclasses.asdict(spec),
         "digest": probe.digest,
         "tokenizer_of": local.location,
-        "shape": list(probe.ids.shape),
+        "shape": list(probe.eval_ids.shape),
     }
-    table.with_name(table.name + ".probe.json").write_text(json.dumps(meta, indent=1))
+    write_json(table.with_name(table.name + ".probe.json"), meta)
     return npy
 
 
@@ -287,8 +276,43 @@ def _with_prefetch(tasks: list[tuple], prefetch: HubPrefetcher | None) -> Iterat
         yield task
 
 
+def extract_task(
+    ref: CheckpointRef,
+    names,
+    device,
+    initial,
+    delete_after,
+    probe,
+    final,
+    registrations: Registrations | None,
+) -> dict:
+    """One executor task: :func:`extract_checkpoint` in a worker that first learns the
+    driver's own registrations (:mod:`polymap.plugins`)."""
+    if registrations is not None:
+        registrations.install()
+    return extract_checkpoint(ref, names, device, initial, delete_after, probe, final)
+
+
+def _probe_changed(table: Path, spec: ProbeSpec) -> bool:
+    """Whether the probe saved next to ``table`` was made with another spec (rows of
+    model-level sets computed on other tokens must not be mixed with new ones)."""
+    meta = table.with_name(table.name + ".probe.json")
+    if not meta.exists():
+        return False
+    try:
+        saved = json.loads(meta.read_text()).get("spec", {})
+    except (OSError, ValueError, AttributeError):
+        return True
+    current = dataclasses.asdict(spec)
+    keys = ("sequences", "eval_sequences", "length", "tokens", "text")  # not batch_size
+    return any(saved.get(key) != current[key] for key in keys)
+
+
 def _pending(
-    refs: Sequence[CheckpointRef], existing: pd.DataFrame, wanted: Sequence[str]
+    refs: Sequence[CheckpointRef],
+    existing: pd.DataFrame,
+    wanted: Sequence[str],
+    stale: set[str] = frozenset(),
 ) -> list[CheckpointRef]:
     done = {}
     for rec in existing[["run", "step", "fingerprint", "feature_sets", "status"]].itertuples():
@@ -297,7 +321,7 @@ def _pending(
     for ref in refs:
         rec = done.get((ref.run, ref.step))
         if rec is not None and rec.status != "failed" and rec.fingerprint == fingerprint(ref):
-            have = set(str(rec.feature_sets or "").split(","))
+            have = set(str(rec.feature_sets or "").split(",")) - stale
             if set(wanted) <= have:
                 continue
         todo.append(ref)
@@ -383,7 +407,15 @@ def extract(
         if store is not None:
             stack.enter_context(store)
             existing = store.compact() if store.path.exists() or store.parts.exists() else existing
-        todo = _pending(refs, existing, names)
+        stale = set()
+        if store is not None and _probe_changed(store.path, probe or ProbeSpec()):
+            stale = {s.name for s in sets if s.needs_model}
+            if stale and len(existing):
+                log.warning(
+                    "%s was extracted with another probe batch (%s.probe.json): %s are "
+                    "re-extracted for its checkpoints", out, store.path.name, sorted(stale)
+                )  # fmt: skip
+        todo = _pending(refs, existing, names, stale)
         skipped = len(refs) - len(todo)
         if skipped:
             log.info("%d checkpoint(s) already in %s, skipped", skipped, out)
@@ -402,9 +434,10 @@ def extract(
             bar.set_postfix_str(f"{row['run']}@{row['step']} {row['status']}")
             bar.update()
 
+        shipped = Registrations.current()  # the user's own feature sets / architectures
         tasks = [
             (ref, names, device, initial_of.get(ref.run), delete_after and ref not in keep, probe,
-             final_of.get(ref.run))
+             final_of.get(ref.run), shipped)
             for ref in todo
         ]  # fmt: skip
         if executor is None:
@@ -416,7 +449,7 @@ def extract(
         if isinstance(executor, LocalExecutor) and any(r.is_hub for r in todo):
             prefetch = stack.enter_context(HubPrefetcher(todo, max_on_disk=max_on_disk))
         stack.enter_context(executor)
-        for task, result in executor.run(extract_checkpoint, _with_prefetch(tasks, prefetch)):
+        for task, result in executor.run(extract_task, _with_prefetch(tasks, prefetch)):
             if isinstance(result, TaskFailed):
                 result = _base_row(task[0], sets) | {"status": "failed", "error": result.reason}
             if prefetch is not None:

@@ -201,6 +201,14 @@ register_architecture(
 )
 
 
+_BUILTIN = dict(_REGISTRY)  # polymap's own tables, as registered above
+
+
+def added_architectures() -> list[Architecture]:
+    """Tables registered in this process that are not polymap's own (or replace one)."""
+    return [a for n, a in _REGISTRY.items() if _BUILTIN.get(n) != a]
+
+
 def detect_architecture(config: dict | None, names: Iterable[str]) -> Architecture:
     """Pick the table for a checkpoint from its config's ``model_type``, else from its
     tensor names; fall back to :data:`GENERIC` (which still assigns most roles)."""

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from polymap.atomic import write_parquet
 from polymap.errors import PolymapError, UsageError
 
 KEY_COLUMNS = ("run", "step")
@@ -86,17 +87,7 @@ def normalize(df: pd.DataFrame) -> pd.DataFrame:
 
 def write_table(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Write atomically: a reader sees the old file or the new one, never a partial one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        normalize(df).to_parquet(tmp, index=False)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_parquet(normalize(df), path)
 
 
 def read_table(path: str | os.PathLike) -> pd.DataFrame:
@@ -110,6 +101,15 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
     if not store.path.exists() and not store._part_files():
         raise TableError(f"{store.path}: no such file")
     return store.load()
+
+
+def as_table(table: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
+    """A FeatureTable given as a DataFrame (returned as it is) or a path (read).
+
+    Every API that takes a table takes either, through this function."""
+    if isinstance(table, pd.DataFrame):
+        return table
+    return read_table(table)
 
 
 def _check_duplicates(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
@@ -198,7 +198,10 @@ class FeatureStore:
         self._lock_fh = None
 
     def _part_files(self) -> list[Path]:
-        return sorted(self.parts.glob("*.parquet")) if self.parts.is_dir() else []
+        if not self.parts.is_dir():
+            return []
+        # a dot-name is a part still being written (polymap.atomic)
+        return sorted(p for p in self.parts.glob("*.parquet") if not p.name.startswith("."))
 
     def load(self) -> pd.DataFrame:
         frames = []
@@ -220,9 +223,7 @@ class FeatureStore:
         """Persist one row now (as a part file)."""
         self.parts.mkdir(parents=True, exist_ok=True)
         name = f"{len(self._part_files()):08d}-{uuid.uuid4().hex[:8]}.parquet"
-        tmp = self.parts / f".{name}.tmp"
-        pd.DataFrame([row]).to_parquet(tmp, index=False)
-        os.replace(tmp, self.parts / name)
+        write_parquet(pd.DataFrame([row]), self.parts / name)
 
     def compact(self) -> pd.DataFrame:
         """Merge part files into the main file (atomically) and remove them."""

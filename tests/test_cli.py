@@ -117,6 +117,7 @@ def test_help_and_describe_do_not_load_torch(tmp_path):
 
 
 # -- API round trips --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_phase_model_save_is_a_complete_model_dir(tmp_path, capsys):
     from test_scoring import runs_table
 

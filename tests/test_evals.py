@@ -262,14 +262,15 @@ def test_evals_native_matches_transformers_loss(small_suite):
     from polymap.features.probe import ProbeSpec, build_probe
 
     ckpt = small_suite / "pico-seed0" / "step24"
-    spec = ProbeSpec(sequences=6, length=32, batch_size=4)
+    spec = ProbeSpec(sequences=2, eval_sequences=6, length=32, batch_size=4)
     row = polymap.extract_checkpoint(
         polymap.CheckpointRef("pico-seed0", 24, str(ckpt)), "evals_native", "cpu", probe=spec
     )
     assert row["status"] == "ok", row["error"]
     probe = build_probe(spec, ckpt)
-    assert probe.ids.shape == (6, 32)
-    loss, acc = _reference_native(ckpt, probe.ids)
+    assert probe.ids.shape == (2, 32) and probe.eval_ids.shape == (6, 32)
+    assert torch.equal(probe.ids, probe.eval_ids[:2])  # statistics use the first rows
+    loss, acc = _reference_native(ckpt, probe.eval_ids)
     assert row["evals_native.loss"] == pytest.approx(loss, rel=1e-5)
     assert row["evals_native.perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
     assert row["evals_native.token_acc"] == pytest.approx(acc)
@@ -288,7 +289,7 @@ def test_evals_native_with_probe_tokens(tiny_runs, tmp_path, arch):
     ids = np.random.default_rng(0).integers(0, 64, size=3 * 16)
     np.save(tmp_path / "probe.npy", ids)
     ckpt = tiny_runs[arch] / "step4"
-    spec = ProbeSpec(sequences=3, length=16, tokens=str(tmp_path / "probe.npy"))
+    spec = ProbeSpec(sequences=1, eval_sequences=3, length=16, tokens=str(tmp_path / "probe.npy"))
     row = polymap.extract_checkpoint(
         polymap.CheckpointRef(arch, 4, str(ckpt)), "hu2023,evals_native", "cpu", probe=spec
     )
@@ -307,11 +308,11 @@ def test_evals_native_bad_input(tiny_runs, tmp_path):
     assert row["status"] == "warning" and "--probe-tokens" in row["error"]
     assert not math.isnan(row["hu2023.l2"]) and math.isnan(row["evals_native.loss"])
     (tmp_path / "short.txt").write_text("1 2 3")
-    short = ProbeSpec(sequences=4, length=16, tokens=str(tmp_path / "short.txt"))
+    short = ProbeSpec(sequences=4, eval_sequences=4, length=16, tokens=str(tmp_path / "short.txt"))
     row = polymap.extract_checkpoint(ref, "evals_native", "cpu", probe=short)
     assert "fewer than one sequence" in row["error"]
     (tmp_path / "some.txt").write_text(" ".join(["5"] * 40))
-    some = ProbeSpec(sequences=4, length=16, tokens=str(tmp_path / "some.txt"))
+    some = ProbeSpec(sequences=1, eval_sequences=4, length=16, tokens=str(tmp_path / "some.txt"))
     row = polymap.extract_checkpoint(ref, "evals_native", "cpu", probe=some)
     assert "2 of 4 sequences" in row["error"] and not math.isnan(row["evals_native.loss"])
     bert = polymap.CheckpointRef("bert", 4, str(tiny_runs["bert"] / "step4"))
@@ -328,7 +329,7 @@ def test_evals_native_nan_weights_are_recorded(tiny_runs, tmp_path):
 
     ckpt = edited_checkpoint(tiny_runs["gpt_neox"] / "step4", tmp_path / "step4", plant_nan)
     np.save(tmp_path / "p.npy", np.arange(32) % 50)
-    spec = ProbeSpec(sequences=2, length=16, tokens=str(tmp_path / "p.npy"))
+    spec = ProbeSpec(sequences=2, eval_sequences=2, length=16, tokens=str(tmp_path / "p.npy"))
     row = polymap.extract_checkpoint(polymap.CheckpointRef("r", 4, str(ckpt)), "evals_native",
                                      "cpu", probe=spec)  # fmt: skip
     assert row["status"] == "nonfinite" and "non-finite logits" in row["error"]
@@ -373,6 +374,7 @@ def test_phase_model_and_scorer_on_eval_only_table():
     assert scores["p_value"].between(0, 1).all()
 
 
+@pytest.mark.slow
 @needs_pythia
 def test_pythia_eval_phases_example(tmp_path, capsys):
     """The documented example runs and finds the size split it describes."""
@@ -394,17 +396,29 @@ def test_probe_is_saved_with_the_table_and_reproduces(small_suite, tmp_path):
     from polymap.features.probe import ProbeSpec
 
     out = tmp_path / "f.parquet"
-    spec = ProbeSpec(sequences=3, length=32)
+    spec = ProbeSpec(sequences=2, eval_sequences=3, length=32)
     first = polymap.extract([small_suite / "pico-seed0"], out=out, features="evals_native",
                             steps="24", probe=spec, progress=False)  # fmt: skip
     saved = np.load(tmp_path / "f.parquet.probe.npy")
     meta = json.loads((tmp_path / "f.parquet.probe.json").read_text())
-    assert saved.shape == (3, 32) and meta["spec"]["sequences"] == 3
+    assert saved.shape == (3, 32) and meta["spec"]["eval_sequences"] == 3
     again = polymap.extract([small_suite / "pico-seed0"], features="evals_native", steps="24",
-                            probe=ProbeSpec(sequences=3, length=32,
+                            probe=ProbeSpec(sequences=2, eval_sequences=3, length=32,
                                             tokens=str(tmp_path / "f.parquet.probe.npy")),
                             progress=False)  # fmt: skip
     assert again["evals_native.loss"].iloc[0] == first["evals_native.loss"].iloc[0]
+    # extending the table with another probe re-extracts the model-level rows already there
+    # (never a table whose loss was measured on two different probes)
+    bigger = ProbeSpec(sequences=2, eval_sequences=5, length=32)
+    extended = polymap.extract([small_suite / "pico-seed0"], out=out, features="evals_native",
+                               steps="0,24", probe=bigger, progress=False)  # fmt: skip
+    alone = polymap.extract([small_suite / "pico-seed0"], features="evals_native",
+                            steps="0,24", probe=bigger, progress=False)  # fmt: skip
+    assert extended["evals_native.loss"].tolist() == alone["evals_native.loss"].tolist()
+    assert extended["evals_native.loss"].iloc[1] != first["evals_native.loss"].iloc[0]
+    assert (
+        json.loads((tmp_path / "f.parquet.probe.json").read_text())["spec"]["eval_sequences"] == 5
+    )
 
 
 def test_other_lm_eval_04_shapes(tmp_path):

@@ -59,6 +59,7 @@ def test_process_executor_matches_local(small_suite, reference):
     pd.testing.assert_frame_equal(_sorted(table), reference)
 
 
+@pytest.mark.slow
 def test_process_worker_death_is_retried_then_recorded(tmp_path):
     with ProcessExecutor(jobs=2, retries=1) as executor:
         tasks = [(str(tmp_path / "m1"), 1), (str(tmp_path / "m2"), 2), (str(tmp_path / "m3"), 3)]
@@ -212,3 +213,105 @@ def test_hub_sweep_with_delete_after_is_bounded(neox_runs, tmp_path, monkeypatch
     assert table["weights.mlp_in.rel_dist"].iloc[1:].notna().all()
     assert not snapshots.exists() or not list(snapshots.iterdir())
     assert sorted(set(fetched)) == list(steps)
+
+
+# --- the user's own registrations reach the workers ------------------------------------
+
+
+def _register_user_plugins(monkeypatch) -> None:
+    """A feature set and an architecture as a user defines them in a notebook cell:
+    inside a function, so no worker can import them by name. The architecture replaces
+    the GPT-NeoX table (everything but the embedding is ``other``), which changes
+    ``role`` for every tensor the feature set sees."""
+    from polymap.features import base
+    from polymap.roles import _REGISTRY as ARCHS
+    from polymap.roles import Architecture, architectures, register_architecture
+
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    monkeypatch.setattr("polymap.roles._REGISTRY", dict(ARCHS))
+    neox = architectures()["gpt_neox"]
+    register_architecture(
+        Architecture(
+            name="gpt_neox",
+            model_types=neox.model_types,
+            rules=((r"embed_in", "embed"),),
+            layer_pattern=neox.layer_pattern,
+            buffers=neox.buffers,
+        ),
+        replace=True,
+    )
+
+    @base.register_feature_set
+    class RoleCount(base.FeatureSet):
+        name = "test_role_count"
+        documentation = {"test_role_count.other": "tensors whose role is other"}
+
+        def start(self):
+            self.counts = {"other": 0.0, "total": 0.0}
+
+        def add(self, param):
+            self.counts["total"] += 1
+            self.counts["other"] += param.role.role == "other"
+
+        def finish(self):
+            return {f"test_role_count.{k}": v for k, v in self.counts.items()}
+
+
+def test_user_registered_feature_set_and_architecture_run_on_process_workers(
+    small_suite, monkeypatch
+):
+    _register_user_plugins(monkeypatch)
+    runs = [small_suite / "pico-seed0"]
+    local = polymap.extract(runs, features="test_role_count", steps="0,24", device="cpu",
+                            progress=False)  # fmt: skip
+    assert list(local["status"]) == ["ok", "ok"]
+    # every tensor but the embedding is "other" under the replaced table
+    assert (local["test_role_count.other"] == local["test_role_count.total"] - 1).all()
+    pooled = polymap.extract(runs, features="test_role_count", steps="0,24", device="cpu",
+                             jobs=2, executor="process", progress=False)  # fmt: skip
+    cols = ["run", "step", "status", "test_role_count.other", "test_role_count.total"]
+    pd.testing.assert_frame_equal(_sorted(pooled)[cols], _sorted(local)[cols])
+
+
+def test_user_registered_feature_set_and_architecture_run_on_ray(
+    ray_cluster, small_suite, monkeypatch
+):
+    _register_user_plugins(monkeypatch)
+    runs = [small_suite / "pico-seed0"]
+    local = polymap.extract(runs, features="test_role_count", steps="0,24", device="cpu",
+                            progress=False)  # fmt: skip
+    remote = polymap.extract(runs, features="test_role_count", steps="0,24", device="cpu",
+                             executor="ray", progress=False)  # fmt: skip
+    cols = ["run", "step", "status", "test_role_count.other", "test_role_count.total"]
+    assert list(remote["status"]) == ["ok", "ok"], remote["error"].tolist()
+    pd.testing.assert_frame_equal(_sorted(remote)[cols], _sorted(local)[cols])
+
+
+def test_executor_registry_is_what_the_cli_offers():
+    from polymap.cli import build_parser
+    from polymap.errors import UsageError
+    from polymap.executors import executors, register_executor
+
+    assert executors() == ("local", "process", "ray")
+    with pytest.raises(UsageError, match="taken"):
+        register_executor("process", lambda **kw: None)
+    parser = build_parser()
+    extract = parser._subparsers._group_actions[0].choices["extract"]
+    choices = next(a.choices for a in extract._actions if a.dest == "executor")
+    assert tuple(choices) == executors()
+
+
+def test_unguarded_script_gets_a_hint_not_just_out_of_memory(small_suite, tmp_path):
+    """A script that calls extract(executor="process") without a __main__ guard: every
+    spawned worker re-runs the script and dies at start; the row says what to check."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import polymap\n"
+        f"t = polymap.extract([{str(small_suite / 'pico-seed0')!r}], steps='24', jobs=2,\n"
+        "    executor='process', retries=0, features='hu2023', device='cpu', progress=False)\n"
+        "print('ERROR:', t['error'].iloc[0])\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)  # fmt: skip
+    line = next(x for x in done.stdout.splitlines() if x.startswith("ERROR:"))
+    assert "worker process died" in line and "if __name__ == '__main__':" in line

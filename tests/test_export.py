@@ -249,7 +249,7 @@ def _no_text_overlap(fig) -> list[tuple[str, str]]:
 
 def test_training_map_text_does_not_overlap(fitted):
     from polymap.export.graphs import map_document, plot_training_map
-    from polymap.phases.graph import read_graph, read_paths
+    from polymap.phases.model_dir import read_graph, read_paths
 
     graph = read_graph(fitted / "model")
     doc = map_document(graph, read_paths(fitted / "model"), "pico-seed2")

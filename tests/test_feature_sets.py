@@ -81,7 +81,14 @@ def test_spectral_against_svd(tiny_runs):
     assert row["spectral.nonfinite_matrices"] == 0
 
 
-def test_registry_errors_and_custom_sets():
+def test_registry_lookup():
+    # custom sets registered by users: tests/test_executors.py (every executor) and
+    # tests/test_cli.py (a second meaning for a name is refused)
     with pytest.raises(ValueError, match="unknown feature set.*'nope'.*available"):
         get_feature_sets("hu2023,nope")
     assert {"hu2023", "weights", "spectral"} <= set(feature_sets())
+    assert [s.name for s in get_feature_sets(None)] == ["hu2023", "weights", "spectral"]
+    named = get_feature_sets(" spectral, hu2023 ,spectral")  # spaces, repeats
+    assert [s.name for s in named] == ["spectral", "hu2023"]
+    with pytest.raises(ValueError, match="no feature sets"):
+        get_feature_sets(" , ")

@@ -30,7 +30,11 @@ def _probe(tmp_path, vocab=64, rows=4, length=16) -> ProbeSpec:
     ids = np.random.default_rng(0).integers(0, vocab, size=rows * length)
     np.save(tmp_path / "probe.npy", ids)
     return ProbeSpec(
-        sequences=rows, length=length, batch_size=2, tokens=str(tmp_path / "probe.npy")
+        sequences=rows,
+        eval_sequences=rows,
+        length=length,
+        batch_size=2,
+        tokens=str(tmp_path / "probe.npy"),
     )
 
 

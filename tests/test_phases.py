@@ -92,6 +92,17 @@ def test_save_load_round_trip(planted, fitted, tmp_path):
     assert meta["format"] == "polymap.PhaseModel" and meta["n_states"] == 3
     with np.load(tmp_path / "m" / "arrays.npz", allow_pickle=False) as npz:
         assert npz["transmat"].shape == (3, 3)
+    # the training table comes back too, so a loaded model saves a complete MODEL_DIR
+    cols = ["run", "step", *fitted.preprocessor_.features]
+    pd.testing.assert_frame_equal(
+        loaded.train_table_[cols].reset_index(drop=True),
+        fitted.train_table_[cols].reset_index(drop=True),
+        check_dtype=False,
+    )
+    loaded.save(tmp_path / "again")
+    assert (tmp_path / "again" / "graph.json").read_text() == (
+        tmp_path / "m" / "graph.json"
+    ).read_text()
 
 
 def test_forward_increments_sum_to_score(planted, fitted):
@@ -258,6 +269,7 @@ def test_state_separation_matches_a_direct_computation():
     )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not PYTHIA.is_dir(), reason="../shared/data not present")
 def test_pythia_evals_start_in_one_state_and_leave_where_tasks_move(tmp_path, capsys):
     from polymap.evals import ingest

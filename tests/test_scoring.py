@@ -55,6 +55,7 @@ def table():
     return runs_table()
 
 
+@pytest.mark.slow
 def test_planted_outliers_rank_first_early(table):
     scores = score_runs(table, n_states=3, horizon=0.25)
     assert set(scores["run"].head(2)) == {"run3", "run7"}
@@ -66,6 +67,7 @@ def test_planted_outliers_rank_first_early(table):
     assert "syn.f" in top["explanation"]
 
 
+@pytest.mark.slow
 def test_nothing_after_the_horizon_changes_the_score(table):
     cut = 250
     before = score_runs(table, n_states=3, until_step=cut)
@@ -77,6 +79,7 @@ def test_nothing_after_the_horizon_changes_the_score(table):
     pd.testing.assert_frame_equal(before, after)
 
 
+@pytest.mark.slow
 def test_partial_and_new_runs_are_scored(table):
     reference = table[~table["run"].isin(["run3", "run7"])]
     newcomers = runs_table(n_runs=10, seed=0)
@@ -159,6 +162,7 @@ def test_labels_find_late_drops_and_spikes_not_clean_runs(table):
     assert 300 <= loss_labels.loc["r2", "onset_step"] <= 320
 
 
+@pytest.mark.slow
 def test_backtest_and_bad_inputs(table, tmp_path):
     labels = label_runs(table, "acc")
     model = PhaseModel(n_states=3, restarts=1)
@@ -309,6 +313,7 @@ def _train(model, out, callback_args, max_steps=20):
     return trainer, callback
 
 
+@pytest.mark.slow
 def test_trainer_callback_reaches_tensorboard(tmp_path):
     import polymap
     from polymap.phases import fit_model_dir

@@ -13,6 +13,7 @@ from conftest import SMALL
 
 import polymap
 from polymap.cli import main
+from polymap.corpus import CorpusError
 from polymap.suite import (
     SuiteError,
     build,
@@ -20,7 +21,6 @@ from polymap.suite import (
     learning_rate,
     measure_instability,
 )
-from polymap.suite.corpus import CorpusError
 
 
 def test_schedule():
@@ -72,6 +72,7 @@ def test_checkpoints_load_offline_and_extract(small_suite, monkeypatch):
     assert (table["status"] == "ok").all()
 
 
+@pytest.mark.slow
 def test_bit_identical_and_independent_of_jobs(small_suite, tmp_path):
     other = tmp_path / "again"
     build(other, jobs=2, **SMALL)
@@ -124,13 +125,25 @@ def test_measure_instability(tmp_path):
     assert measure_instability(log) == (True, 10)
 
 
-def test_demo_reduced_configuration(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert (
-        main(["demo", "--out", str(out), "--n-seeds", "3", "--train-steps", "24", "--jobs", "1"])
-        == 0
-    )
-    printed = capsys.readouterr().out
+@pytest.fixture(scope="module")
+def reduced_demo(tmp_path_factory):
+    """``polymap demo`` at 3 seeds x 24 steps; returns (out, what it printed)."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(
+            ["demo", "--out", str(out), "--n-seeds", "3", "--train-steps", "24", "--jobs", "1"]
+        )
+    assert code == 0
+    return out, printed.getvalue()
+
+
+@pytest.mark.slow
+def test_demo_reduced_configuration(reduced_demo, capsys):
+    out, printed = reduced_demo
     assert "Training map: K=" in printed and "Risk at 25% of training" in printed
     assert "nano-seed2" in printed
     # 24 steps are too short for the planted defect to show: the backtest says why.
@@ -164,11 +177,12 @@ def test_demo_reduced_configuration(tmp_path, capsys):
         == 0
     )
     assert len(list((out / "lm-eval" / "results").rglob("results_*.json"))) == 24  # none redone
-    _run_notebook(out)
 
 
-def _run_notebook(demo_out):
+@pytest.mark.slow
+def test_walkthrough_notebook_runs_on_the_demo_outputs(reduced_demo):
     """The walkthrough notebook executes top to bottom on the demo's outputs."""
+    demo_out, _ = reduced_demo
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     path = Path(__file__).parent.parent / "notebooks" / "walkthrough.ipynb"

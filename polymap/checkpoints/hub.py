@@ -23,7 +23,7 @@ from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 from polymap.checkpoints.local import SourceError
 from polymap.checkpoints.pythia import parse_pythia_repo, pythia_steps
 from polymap.checkpoints.reader import BIN_INDEX, SAFETENSORS_INDEX, CheckpointError, _read_index
-from polymap.checkpoints.ref import HUB_SCHEME, CheckpointRef, RefError, parse_step
+from polymap.checkpoints.ref import HUB_SCHEME, CheckpointRef, RefError, parse_step, run_name
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def discover_hub(location: str) -> list[CheckpointRef]:
             raise SourceError(f"{location}: revision {revision!r} carries no step")
         refs.append(
             CheckpointRef(
-                run=repo_id.split("/")[1],
+                run=run_name(repo_id),
                 step=step,
                 location=f"{HUB_SCHEME}{repo_id}@{revision}",
                 seed=info.get("seed"),

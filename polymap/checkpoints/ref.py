@@ -62,6 +62,24 @@ def check_run(run, where: str = "run name") -> str:
     return run
 
 
+_PYTHIA_V11 = re.compile(r"^pythia-v1\.1-(.+)$")
+
+
+def run_name(name: str) -> str:
+    """The run name of a Hub repository id, a cached repository or a folder path: its last
+    component, with Pythia's v1.1 names mapped to today's. The one naming rule of
+    checkpoint sources and eval results, so tables of the same run join.
+
+    >>> run_name("EleutherAI/pythia-v1.1-160m-deduped")
+    'pythia-160m-deduped'
+    >>> run_name("runs/nano-seed3/")
+    'nano-seed3'
+    """
+    name = name.rstrip("/").split("/")[-1]
+    match = _PYTHIA_V11.match(name)
+    return f"pythia-{match.group(1)}" if match else name
+
+
 def parse_step(name: str) -> int | None:
     """The training step in a checkpoint directory (or revision) name, else None; a
     step outside ``0 .. 2**63 - 1`` is a :class:`RefError`.

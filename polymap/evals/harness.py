@@ -115,7 +115,7 @@ def run_harness(
     ``bootstrap_iters`` is lm-eval's bootstrap for stderrs of non-mean metrics
     (perplexity); lm-eval's own default (100,000) is slow on CPU.
     """
-    from polymap.extraction import resolve_device
+    from polymap.device import resolve_device
 
     lm_eval, EvaluationTracker, HFLM, TaskManager = _import_lm_eval()
     task_names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)

@@ -34,7 +34,6 @@ file name, else the file's modification time) wins and the choice is reported.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
@@ -46,7 +45,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from polymap.checkpoints.ref import RefError, check_run, check_step, parse_step
+from polymap.checkpoints.local import SourceError
+from polymap.checkpoints.local import read_manifest as read_checkpoint_manifest
+from polymap.checkpoints.ref import RefError, check_run, check_step, parse_step, run_name
 from polymap.errors import PolymapError
 from polymap.table import normalize
 
@@ -56,7 +57,6 @@ _NOT_METRICS = {"alias", "name", "sample_len", "sample_count", "samples", "group
 _SHOT_DIR = re.compile(r"^(zero|one|two|three|four|five|ten|\d+)[-_]?shots?$", re.IGNORECASE)
 _STEP_IN_NAME = re.compile(r"(?:^|[_-])step[_-]?(\d+)$")
 _TIMESTAMP_IN_NAME = re.compile(r"(\d{4}-\d{2}-\d{2}T\d{2}[-:]\d{2}[-:]\d{2}(?:\.\d+)?)")
-_PYTHIA_V11 = re.compile(r"^pythia-v1\.1-(.+)$")
 _SEED = re.compile(r"seed[_-]?(\d+)", re.IGNORECASE)
 
 
@@ -105,17 +105,6 @@ def parse_model_args(model_args: str | dict | None) -> dict[str, str]:
     return out
 
 
-def canonical_run(name: str) -> str:
-    """Run name of a model repository or folder (Pythia's v1.1 names -> today's).
-
-    >>> canonical_run("EleutherAI/pythia-v1.1-160m-deduped")
-    'pythia-160m-deduped'
-    """
-    name = name.rstrip("/").split("/")[-1]
-    match = _PYTHIA_V11.match(name)
-    return f"pythia-{match.group(1)}" if match else name
-
-
 _HUB_CACHE_DIR = re.compile(r"models--([^/]+?)--([^/]+)")
 
 
@@ -135,12 +124,12 @@ def _from_config(data: dict) -> tuple[str | None, int | None, str | None]:
         leaf_step = parse_step(parts[-1]) if parts else None
         cached = _HUB_CACHE_DIR.search(pretrained)
         if cached:  # a snapshot folder of the Hugging Face cache: the repository's name
-            run = canonical_run(cached.group(2))
+            run = run_name(cached.group(2))
         elif leaf_step is not None:
             step = step if step is not None else leaf_step
             run = parts[-2] if len(parts) >= 2 else None
         else:
-            run = canonical_run(pretrained)
+            run = run_name(pretrained)
     return run, step, pretrained
 
 
@@ -152,7 +141,7 @@ def _from_layout(path: Path) -> tuple[str | None, int | None]:
         if parent_step is not None:
             step = parent_step if step is None else step
         elif not _SHOT_DIR.match(parent.name):
-            return canonical_run(parent.name) if parent.name else None, step
+            return run_name(parent.name) if parent.name else None, step
     return None, step
 
 
@@ -352,24 +341,14 @@ def column_name(shots: int, task: str, metric: str) -> str:
 
 
 def read_manifest(path: str | Path) -> dict[Path, tuple[str, int]]:
-    """CSV ``path,run,step`` -> ``{resolved path: (run, step)}``."""
-    path = Path(path)
-    out = {}
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames or not {"path", "run", "step"} <= set(reader.fieldnames):
-            raise EvalFileError(f"{path}: a manifest needs the columns path,run,step")
-        for line, row in enumerate(reader, start=2):
-            try:
-                step = int(row["step"])
-            except (TypeError, ValueError):
-                raise EvalFileError(
-                    f"{path}:{line}: step {row['step']!r} is not an integer"
-                ) from None
-            file = Path(row["path"])
-            file = file if file.is_absolute() else path.parent / file
-            out[file.resolve()] = (row["run"], step)
-    return out
+    """CSV ``path,run,step`` -> ``{resolved path: (run, step)}``: the checkpoint
+    manifest's format and checks (:func:`polymap.checkpoints.local.read_manifest`), its
+    ``path`` column naming results files instead of checkpoints."""
+    try:
+        refs = read_checkpoint_manifest(path)
+    except SourceError as err:
+        raise EvalFileError(str(err)) from None
+    return {Path(ref.location).resolve(): (ref.run, ref.step) for ref in refs}
 
 
 def find_results_files(paths: Iterable[str | Path]) -> list[Path]:

@@ -15,12 +15,12 @@ trained on.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
+from polymap.atomic import write_text
+from polymap.corpus import held_out_text
 from polymap.errors import PolymapError
-from polymap.suite.corpus import held_out_text
 
 DEFAULT_TASK = "suite_lastword"
 _WORD = re.compile(r"^[A-Za-z]{3,}$")
@@ -94,14 +94,8 @@ def write_last_word_task(
     if not examples:
         raise PolymapError(f"{corpus or 'the suite corpus'}: no passages for a last-word task")
     data = folder / f"{name}.jsonl"
-    _atomic_write(data, "".join(json.dumps(e) + "\n" for e in examples))
-    _atomic_write(
+    write_text(data, "".join(json.dumps(e) + "\n" for e in examples))
+    write_text(
         folder / f"{name}.yaml", _YAML.format(name=name, data=json.dumps(str(data.resolve())))
     )
     return folder
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

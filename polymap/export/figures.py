@@ -24,6 +24,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
+from polymap.atomic import atomic_file
 from polymap.export.graphs import DPI, state_colors
 from polymap.export.inputs import ExportInputs
 
@@ -32,7 +33,8 @@ N_TOP_FEATURES = 4
 
 def save(fig, paths: list[Path]) -> list[Path]:
     for path in paths:
-        fig.savefig(path)
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp)
     return paths
 
 

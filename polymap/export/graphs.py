@@ -17,7 +17,6 @@ from a :mod:`networkx` graph, so no system Graphviz is needed; with ``renderer="
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -27,6 +26,8 @@ import networkx as nx
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Circle, FancyArrowPatch
+
+from polymap import atomic
 
 JSON_SCHEMA = "polymap.training_map/1"
 DPI = 100  # every PNG is figsize x DPI pixels (no tight bounding box)
@@ -113,8 +114,7 @@ def map_document(graph: dict, paths, highlight_run: str | None = None) -> dict:
 
 
 def write_json(doc: dict, path: Path) -> Path:
-    path.write_text(json.dumps(doc, indent=1))
-    return path
+    return atomic.write_json(path, doc)
 
 
 def _dot_quote(text: str) -> str:
@@ -144,8 +144,7 @@ def write_dot(doc: dict, path: Path) -> Path:
             f"color={color}, count={edge['count']}];"
         )
     lines.append("}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return atomic.write_text(path, "\n".join(lines) + "\n")
 
 
 def layout(doc: dict) -> dict[int, tuple[float, float]]:
@@ -306,6 +305,7 @@ def draw_map(doc: dict, png: Path | None, svg: Path | None, renderer: str = "aut
     written = []
     for out in (png, svg):
         if out is not None:
-            fig.savefig(out)
+            with atomic.atomic_file(out) as tmp:
+                fig.savefig(tmp)
             written.append(out)
     return written

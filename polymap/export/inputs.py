@@ -103,8 +103,8 @@ def load_inputs(
     >>> inputs = load_inputs("model/", scores=scores_df, labels="labels.csv")  # doctest: +SKIP
     """
     from polymap.phases import PhaseModel, describe
-    from polymap.phases.graph import read_graph, read_paths
-    from polymap.table import read_table
+    from polymap.phases.model_dir import read_graph, read_paths
+    from polymap.table import as_table, read_table
 
     directory = Path(model_dir)
     if not directory.is_dir():
@@ -122,10 +122,8 @@ def load_inputs(
         paths = read_paths(directory)
     except PhaseInputError as err:
         raise ExportError(str(err)) from err
-    if isinstance(table, pd.DataFrame):
-        data = table
-    elif table is not None:
-        data = read_table(table)
+    if table is not None:
+        data = as_table(table)
     elif (directory / "table.parquet").exists():
         data = read_table(directory / "table.parquet")
     else:

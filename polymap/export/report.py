@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from polymap.atomic import write_text
 from polymap.export.inputs import ExportInputs
 
 _CSS = """
@@ -88,7 +89,4 @@ def write_report(inputs: ExportInputs, folder: Path, path: Path) -> Path:
         parts += ["<h2>Backtest</h2>", _table(inputs.backtest)]
     parts += ["<h2>Training map, in words</h2>", f"<pre>{html.escape(inputs.describe)}</pre>"]
     parts.append("</body></html>")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text(path, "\n".join(parts))

@@ -47,7 +47,7 @@ from polymap.checkpoints.reader import TensorReader
 from polymap.checkpoints.ref import CheckpointRef
 from polymap.errors import PolymapError, UsageError
 from polymap.features.numerics import Moments, gram_eigenvalues
-from polymap.roles import Architecture, ParamRole
+from polymap.roles import ROLES, Architecture, ParamRole
 
 
 @dataclass
@@ -252,6 +252,23 @@ def get_feature_sets(names: str | list[str] | tuple[str, ...] | None) -> list[ty
     if unknown:
         raise UsageError(f"unknown feature set(s) {unknown}; available: {sorted(_REGISTRY)}")
     return [_REGISTRY[n] for n in dict.fromkeys(names)]
+
+
+def group_names(param: Param) -> list[str]:
+    """The aggregation groups of a parameter: its role, and its (layer, role)."""
+    role = param.role
+    names = [role.role]
+    if role.layer is not None:
+        names.append(f"layer{role.layer}.{role.role}")
+    return names
+
+
+def group_order(name: str) -> tuple[int, int]:
+    """Sort key of a group name: role aggregates first, then layers in order; roles in
+    :data:`~polymap.roles.ROLES` order."""
+    layer, _, role = name.rpartition(".")
+    index = int(layer.removeprefix("layer")) if layer else -1
+    return index, ROLES.index(role) if role in ROLES else len(ROLES)
 
 
 def mean_ignoring_nan(values: list[float]) -> float:

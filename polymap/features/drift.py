@@ -22,8 +22,7 @@ from collections import defaultdict
 
 import torch
 
-from polymap.features.base import FeatureSet, Param, register_feature_set
-from polymap.features.weights import group_order
+from polymap.features.base import FeatureSet, Param, group_order, register_feature_set
 
 K = 8
 SUBSPACE_ROLES = ("attn_qkv", "mlp_in")

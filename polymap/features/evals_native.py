@@ -1,6 +1,7 @@
 """``evals_native``: quick language-modelling evals of each checkpoint on the probe text.
 
-The checkpoint runs as a causal LM over the fixed probe batch (by default the suite
+The checkpoint runs as a causal LM over the probe's eval rows (``eval_sequences`` x
+``length``: 64 x 128 = 8,192 tokens by default; by default the suite
 corpus's held-out split; ``--probe-text FILE`` or ``--probe-tokens FILE`` otherwise),
 batched, on the GPU when there is one. Over every next-token prediction of the batch:
 
@@ -39,8 +40,10 @@ class EvalsNative(FeatureSet):
     @torch.no_grad()
     def add_model(self, model, probe) -> None:
         device = next(model.parameters()).device
+        if probe.eval_warning:
+            self.warnings.append(f"evals_native: {probe.eval_warning}")
         total_loss, correct, count, nonfinite = 0.0, 0, 0, False
-        for batch in probe.ids.split(self.context.probe.batch_size):
+        for batch in probe.eval_ids.split(self.context.probe.batch_size):
             batch = batch.to(device)
             logits = model(input_ids=batch).logits[:, :-1].float()
             target = batch[:, 1:]

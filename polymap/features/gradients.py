@@ -20,9 +20,8 @@ from collections import defaultdict
 
 import torch
 
-from polymap.features.base import FeatureSet, register_feature_set
+from polymap.features.base import FeatureSet, group_order, register_feature_set
 from polymap.features.numerics import Moments
-from polymap.features.weights import group_order
 from polymap.roles import assign_role
 
 

@@ -7,13 +7,20 @@ A :class:`ProbeSpec` says where the tokens come from (picklable, sent to workers
 * ``text``: a UTF-8 text file, tokenised with the checkpoint's own tokenizer;
 * neither: the suite corpus's held-out split (Python's documentation topics).
 
-The ids are cut into ``sequences`` rows of ``length`` tokens (``length`` capped by the
-model's context); a probe too short for that many rows uses the full rows it has (a
-warning is recorded) and one shorter than a single row is an error.
+The ids are cut into rows of ``length`` tokens (``length`` capped by the model's
+context): the statistics of model internals (``activations``, ``gradients``, ...) run over
+the first ``sequences`` rows, the evals (``evals_native``'s loss and accuracy) over the first
+``eval_sequences`` rows. A loss needs more tokens than an activation statistic: on the
+instability zoo, the 1,024-token probe's loss did not separate runs trained on repeated
+data from healthy ones at 25% of training (AUROC 0.53) while 8,192 tokens did (1.00, as the
+suite's own 16k-token validation loss; ``benchmarks/bench_scorer.py``). A probe too short
+for that many rows uses the full rows it has (a warning is recorded) and one shorter than a
+single row is an error.
 
->>> spec = ProbeSpec(sequences=2, length=4, tokens=None, text=None)
->>> Probe.from_ids(list(range(10)), spec).ids.tolist()
-[[0, 1, 2, 3], [4, 5, 6, 7]]
+>>> spec = ProbeSpec(sequences=2, eval_sequences=3, length=4, tokens=None, text=None)
+>>> probe = Probe.from_ids(list(range(13)), spec)
+>>> probe.ids.tolist(), probe.eval_ids.shape
+([[0, 1, 2, 3], [4, 5, 6, 7]], torch.Size([3, 4]))
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ class ProbeSpec:
     """Where probe tokens come from and the batch shape."""
 
     sequences: int = 8
+    eval_sequences: int = 64
     length: int = 128
     batch_size: int = 8
     tokens: str | None = None
@@ -47,29 +55,45 @@ class ProbeSpec:
 
 @dataclass
 class Probe:
-    """``ids``: ``(sequences, length)`` int64 token ids; ``warning``: set when short."""
+    """``eval_ids``: ``(eval_sequences, length)`` int64 token ids; ``ids``: the first
+    ``sequences`` of them; ``warning`` / ``eval_warning``: set when the text is too short
+    for ``sequences`` / ``eval_sequences`` rows."""
 
-    ids: torch.Tensor
+    eval_ids: torch.Tensor
+    sequences: int
     warning: str | None = None
+    eval_warning: str | None = None
+
+    @property
+    def ids(self) -> torch.Tensor:
+        """The rows that statistics of model internals run over."""
+        return self.eval_ids[: self.sequences]
 
     @classmethod
     def from_ids(cls, ids, spec: ProbeSpec, max_length: int | None = None) -> Probe:
         ids = torch.as_tensor(np.asarray(ids, dtype=np.int64).reshape(-1))
         length = min(spec.length, max_length or spec.length)
-        rows = min(spec.sequences, ids.numel() // length)
+        wanted = max(spec.sequences, spec.eval_sequences)
+        rows = min(wanted, ids.numel() // length)
         if rows < 1:
             raise FeatureUnavailableError(
                 f"probe has {ids.numel()} tokens, fewer than one sequence of {length}; "
                 "give a longer --probe-text/--probe-tokens or a smaller --probe-length"
             )
-        warning = None
-        if rows < spec.sequences:
-            warning = f"probe gives {rows} of {spec.sequences} sequences of {length} tokens"
-        return cls(ids[: rows * length].reshape(rows, length), warning)
+
+        def short(n: int) -> str | None:
+            return f"probe gives {rows} of {n} sequences of {length} tokens" if rows < n else None
+
+        return cls(
+            ids[: rows * length].reshape(rows, length),
+            spec.sequences,
+            short(spec.sequences),
+            short(spec.eval_sequences),
+        )
 
     @property
     def digest(self) -> str:
-        return hashlib.sha1(self.ids.numpy().tobytes()).hexdigest()[:12]
+        return hashlib.sha1(self.eval_ids.numpy().tobytes()).hexdigest()[:12]
 
 
 def _read_token_file(path: str) -> np.ndarray:
@@ -87,7 +111,7 @@ def _read_token_file(path: str) -> np.ndarray:
 @lru_cache(maxsize=8)
 def _probe_text(path: str | None) -> str:
     if path is None:
-        from polymap.suite.corpus import held_out_text
+        from polymap.corpus import held_out_text
 
         return "\n\n".join(held_out_text())
     try:

@@ -32,9 +32,8 @@ import numpy as np
 import torch
 from scipy import optimize, special, stats
 
-from polymap.features.base import FeatureSet, Param, register_feature_set
+from polymap.features.base import FeatureSet, Param, group_names, group_order, register_feature_set
 from polymap.features.numerics import Moments
-from polymap.features.weights import group_names, group_order
 
 SAMPLE_PER_MATRIX = 4096
 SAMPLE_PER_ROLE = 16384

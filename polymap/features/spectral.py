@@ -27,9 +27,14 @@ from collections import defaultdict
 
 import torch
 
-from polymap.features.base import FeatureSet, Param, mean_ignoring_nan, register_feature_set
+from polymap.features.base import (
+    FeatureSet,
+    Param,
+    group_order,
+    mean_ignoring_nan,
+    register_feature_set,
+)
 from polymap.features.numerics import powerlaw_alpha
-from polymap.features.weights import group_order
 
 METRICS = (
     "spectral_norm",

@@ -24,28 +24,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from polymap.features.base import FeatureSet, Param, register_feature_set
+from polymap.features.base import FeatureSet, Param, group_names, group_order, register_feature_set
 from polymap.features.numerics import Moments
-from polymap.roles import ROLES
 
 OUTLIER_SIGMAS = 6.0
-
-
-def group_names(param: Param) -> list[str]:
-    """The aggregation groups of a parameter: its role, and its (layer, role)."""
-    role = param.role
-    names = [role.role]
-    if role.layer is not None:
-        names.append(f"layer{role.layer}.{role.role}")
-    return names
-
-
-def group_order(name: str) -> tuple[int, int]:
-    """Sort key of a group name: role aggregates first, then layers in order; roles in
-    :data:`~polymap.roles.ROLES` order."""
-    layer, _, role = name.rpartition(".")
-    index = int(layer.removeprefix("layer")) if layer else -1
-    return index, ROLES.index(role) if role in ROLES else len(ROLES)
 
 
 @dataclass

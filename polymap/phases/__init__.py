@@ -11,10 +11,10 @@ import importlib
 _LAZY = {
     "PhaseInputError": "polymap.phases.preprocess",
     "PhaseModel": "polymap.phases.model",
-    "describe": "polymap.phases.graph",
-    "fit_model_dir": "polymap.phases.graph",
+    "describe": "polymap.phases.model_dir",
+    "fit_model_dir": "polymap.phases.model_dir",
     "training_map": "polymap.phases.graph",
-    "write_model_dir": "polymap.phases.graph",
+    "write_model_dir": "polymap.phases.model_dir",
 }
 
 __all__ = sorted(_LAZY)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from polymap.atomic import atomic_file, write_csv, write_json
 from polymap.phases.preprocess import PhaseInputError, Preprocessor
 
 MODEL_JSON = "model.json"
@@ -35,10 +35,10 @@ def _versions() -> dict:
     import hmmlearn
     import sklearn
 
-    import polymap
+    from polymap import __version__
 
     return {
-        "polymap": polymap.__version__,
+        "polymap": __version__,
         "hmmlearn": hmmlearn.__version__,
         "sklearn": sklearn.__version__,
         "numpy": np.__version__,
@@ -199,13 +199,10 @@ def save_model(model, directory: Path) -> Path:
         "checkpoint_order": "the HMM is over checkpoint order, not step distance",
         "versions": _versions(),
     }
-    tmp = directory / f".{ARRAYS}.tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, directory / ARRAYS)
-    json_tmp = directory / f".{MODEL_JSON}.tmp"
-    json_tmp.write_text(json.dumps(meta, indent=1, default=jsonable))
-    os.replace(json_tmp, directory / MODEL_JSON)
-    model.selection_.to_csv(directory / "selection.csv", index=False)
+    with atomic_file(directory / ARRAYS) as tmp:
+        np.savez(tmp, **arrays)
+    write_csv(model.selection_, directory / "selection.csv")
+    write_json(directory / MODEL_JSON, meta, default=jsonable)  # last: the commit point
     return directory
 
 
@@ -272,6 +269,10 @@ def load_model(cls, directory: Path):
     model.n_degenerate_ = meta["n_degenerate"]
     model.n_not_converged_ = meta["n_not_converged"]
     model.selection_ = read_selection(directory / "selection.csv")
+    if (directory / "table.parquet").exists():  # a full MODEL_DIR: the training table too
+        from polymap.table import read_table
+
+        model.train_table_ = read_table(directory / "table.parquet")
     return model
 
 

@@ -32,19 +32,12 @@ from polymap.phases.preprocess import (
     usable_rows,
 )
 from polymap.phases.selection import choose_k, select
+from polymap.table import as_table
 
 log = logging.getLogger(__name__)
 from polymap.phases.model_format import FORMAT, FORMAT_VERSION  # noqa: E402,F401 (re-export)
 
 COVARIANCES = ("diag", "full")
-
-
-def _as_table(table: pd.DataFrame | str | Path) -> pd.DataFrame:
-    if isinstance(table, (str, Path)):
-        from polymap.table import read_table
-
-        return read_table(table)
-    return table
 
 
 def _aligned(frame: pd.DataFrame, result: pd.DataFrame) -> pd.DataFrame:
@@ -147,7 +140,7 @@ class PhaseModel(BaseEstimator):
     def fit(self, table: pd.DataFrame | str | Path) -> PhaseModel:
         """Fit on a FeatureTable (DataFrame or Parquet path); returns ``self``."""
         ks = self._validate()
-        table = usable_rows(_as_table(table))
+        table = usable_rows(as_table(table))
         pre = Preprocessor.fit(table, self.features, self.log_transform, self.scale)
         table, X = complete_rows(table, pre.transform(table))
         lengths = _lengths(table)
@@ -205,7 +198,7 @@ class PhaseModel(BaseEstimator):
 
     def _prepare(self, table) -> tuple[pd.DataFrame, np.ndarray, list[int]]:
         self._check_fitted()
-        table = usable_rows(_as_table(table))
+        table = usable_rows(as_table(table))
         table, X = complete_rows(table, self.preprocessor_.transform(table))
         if len(X) == 0:
             raise PhaseInputError("no complete rows to predict")
@@ -232,7 +225,7 @@ class PhaseModel(BaseEstimator):
         """Viterbi paths ``run, step, state``, one row per input row, aligned to the
         input's index (as scikit-learn's ``predict``); ``state`` is int64, or nullable
         ``Int64`` with ``<NA>`` where a row could not be decoded (a missing feature value)."""
-        frame = _as_table(table)
+        frame = as_table(table)
         out = _aligned(frame, self.decode(frame))
         # int64 states; the nullable Int64 only when some row has none
         return out.astype({"state": "Int64" if out["state"].isna().any() else "int64"})
@@ -240,7 +233,7 @@ class PhaseModel(BaseEstimator):
     def predict_proba(self, table: pd.DataFrame | str | Path) -> pd.DataFrame:
         """Posterior state probabilities ``run, step, p0, p1, ...`` aligned to the
         input's index (NaN for a row that could not be decoded)."""
-        frame = _as_table(table)
+        frame = as_table(table)
         return _aligned(frame, self.posteriors(frame))
 
     def score(self, table: pd.DataFrame | str | Path) -> float:
@@ -267,8 +260,8 @@ class PhaseModel(BaseEstimator):
         ``selection.csv`` and, for a model fitted in this session, the training map
         (``graph.json``, ``paths.csv``, ``posteriors.parquet``, ``table.parquet``), so
         ``polymap describe``, ``export`` and ``score`` accept it."""
-        from polymap.phases.graph import write_model_dir
         from polymap.phases.io import save_model
+        from polymap.phases.model_dir import write_model_dir
 
         self._check_fitted()
         if hasattr(self, "train_table_"):

@@ -32,6 +32,7 @@ import pandas as pd
 from joblib import Parallel, delayed
 
 from polymap.phases.preprocess import PhaseInputError
+from polymap.robust import median_se
 
 log = logging.getLogger(__name__)
 EMPTY_STATE_MASS = 1e-3  # fraction of checkpoints below which a state counts as empty
@@ -227,9 +228,7 @@ def selection_statistic(rows) -> pd.DataFrame:
     for rec in best.to_dict("records"):
         diff = _per_run(rec) - top_runs if len(_per_run(rec)) == len(top_runs) else np.array([])
         diff = diff[np.isfinite(diff)]
-        median = float(np.median(diff)) if len(diff) else math.nan
-        mad = float(np.median(np.abs(diff - median))) if len(diff) else math.nan
-        se = 1.2533 * 1.4826 * mad / math.sqrt(len(diff)) if len(diff) else math.nan
+        median, se = median_se(diff)
         out.append({"k": int(rec["k"]), "heldout_ll": float(rec["heldout_ll"]), "diff": median,
                     "se": se, "within": bool(median >= -se) if len(diff) else False,
                     "n_runs": len(diff)})  # fmt: skip

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from polymap.atomic import atomic_file, write_csv
 from polymap.scoring.score import ScoringError
 from polymap.scoring.scorer import RiskScorer
 
@@ -166,10 +167,10 @@ def backtest(
             }
         )
         if out is not None:
-            scores.to_csv(out / f"scores_h{h:g}.csv", index=False)
+            write_csv(scores, out / f"scores_h{h:g}.csv")
     table = pd.DataFrame(rows)
     if out is not None:
-        table.to_csv(out / "backtest.csv", index=False)
+        write_csv(table, out / "backtest.csv")
         _plot(table, out / "backtest.png")
     return table
 
@@ -211,4 +212,5 @@ def plot_backtest(table: pd.DataFrame, ax=None):
 
 
 def _plot(table: pd.DataFrame, path: Path) -> None:
-    plot_backtest(table).savefig(path)
+    with atomic_file(path) as tmp:
+        plot_backtest(table).savefig(tmp)

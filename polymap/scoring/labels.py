@@ -50,6 +50,7 @@ import pandas as pd
 
 from polymap.errors import UsageError
 from polymap.phases.preprocess import UNCERTAINTY_SUFFIX
+from polymap.robust import median_mad
 
 log = logging.getLogger(__name__)
 
@@ -230,8 +231,7 @@ def _band_onset(steps, values, errors, counted, others, sign, k, gap_floor, last
             worse_run = 0
             continue
         peers = peers[ok]
-        median = float(np.median(peers))
-        mad = 1.4826 * float(np.median(np.abs(peers - median)))
+        median, mad = median_mad(peers)
         noise = 0.0
         if np.isfinite(errors[i]) or np.isfinite(peer_se[ok]).any():
             own = errors[i] if np.isfinite(errors[i]) else 0.0

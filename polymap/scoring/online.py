@@ -33,7 +33,7 @@ import pandas as pd
 
 from polymap.checkpoints import CheckpointError, CheckpointRef, architecture_signature, read_config
 from polymap.extraction import extract_checkpoint
-from polymap.table import feature_columns, read_table
+from polymap.table import as_table, feature_columns
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +62,7 @@ class RiskMonitor:
     ):
         from polymap.scoring.scorer import RiskScorer
 
-        self.reference = (
-            read_table(reference) if not isinstance(reference, pd.DataFrame) else (reference)
-        )
+        self.reference = as_table(reference)
         # the scorer saved by ``polymap fit``: nothing is refitted at the first call
         self.scorer = RiskScorer.load(model_dir).set_params(alpha=alpha)
         sets = {c.split(".")[0] for c in feature_columns(self.reference)}

@@ -51,6 +51,7 @@ import pandas as pd
 from polymap.errors import PolymapError
 from polymap.phases import PhaseModel
 from polymap.phases.preprocess import PhaseInputError, usable_rows
+from polymap.robust import median_mad
 
 log = logging.getLogger(__name__)
 DEVIATION_Z = 5.0
@@ -82,11 +83,9 @@ SIGNAL_FLOORS = {"path": 0.05, "likelihood": 0.1, "deviation": 0.5}
 
 
 def _robust(values: np.ndarray, floor: float) -> tuple[float, float]:
-    values = values[np.isfinite(values)]
-    if not len(values):
+    median, mad = median_mad(values)
+    if not math.isfinite(median):
         return 0.0, 1.0
-    median = float(np.median(values))
-    mad = 1.4826 * float(np.median(np.abs(values - median)))
     return median, max(mad, floor)
 
 

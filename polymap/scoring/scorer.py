@@ -65,7 +65,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import warnings
 from pathlib import Path
 
@@ -73,11 +72,13 @@ import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, clone
 
+from polymap.atomic import atomic_file, write_csv, write_json, write_parquet
 from polymap.phases.io import jsonable
 from polymap.phases.model import PhaseModel
 from polymap.phases.preprocess import UNCERTAINTY_SUFFIX, PhaseInputError, usable_rows
+from polymap.robust import median_mad
 from polymap.scoring.score import ScoringError, horizon_step, path_disagreement
-from polymap.table import feature_columns
+from polymap.table import as_table, feature_columns
 
 log = logging.getLogger(__name__)
 
@@ -280,8 +281,7 @@ def feature_z(
         for j, f in enumerate(features):
             if f"{f}{UNCERTAINTY_SUFFIX}" in target.columns:
                 noise[:, j] = np.nan_to_num(target[f"{f}{UNCERTAINTY_SUFFIX}"].to_numpy(float))
-        median = np.nanmedian(peers, axis=0)
-        mad = 1.4826 * np.nanmedian(np.abs(peers - median), axis=0)
+        median, mad = median_mad(peers, axis=0)
         z = np.abs((values - median) / np.maximum(np.maximum(mad, floor), noise))
     z = np.where(np.isfinite(z), z, 0.0)
     enough = (np.isfinite(peers[:, :, 0]).sum(axis=0) >= 2) if groups else np.zeros(len(tx), bool)
@@ -353,8 +353,7 @@ def _tail(x: float, reference: np.ndarray, floor: float) -> tuple[float, float]:
     from scipy.stats import t
 
     m = len(reference)
-    median = float(np.median(reference))
-    mad = 1.4826 * float(np.median(np.abs(reference - median)))
+    median, mad = median_mad(reference)
     z = (x - median) / max(mad, floor)
     df = max(2.0, 0.37 * (m - 1))
     return z, float(t.sf(z / math.sqrt(1 + 1 / m), df))
@@ -499,10 +498,9 @@ class RiskScorer(BaseEstimator):
 
     def fit(self, reference: pd.DataFrame | str | Path) -> RiskScorer:
         """Fit on a reference FeatureTable (DataFrame or Parquet path); returns self."""
-        from polymap.phases.model import _as_table
 
         self._check_params()
-        table = _as_table(reference)
+        table = as_table(reference)
         if table.empty:
             raise ScoringError("the reference table is empty")
         model = self.phase_model
@@ -770,10 +768,9 @@ class RiskScorer(BaseEstimator):
         or ``until_step``; a target run named like a reference run is compared with the
         reference without it.
         """
-        from polymap.phases.model import _as_table
 
         self._check_fitted()
-        targets = _as_table(targets)
+        targets = as_table(targets)
         if targets.empty:
             raise ScoringError("the target table is empty")
         for key in ("run", "step"):
@@ -852,18 +849,11 @@ class RiskScorer(BaseEstimator):
             },
             "loo_models": loo,
         }
-        tmp = directory / ".scorer.npz.tmp.npz"
-        np.savez(tmp, **arrays)
-        os.replace(tmp, directory / "scorer.npz")
-        table_tmp = directory / ".scorer_reference.parquet.tmp"
-        self.reference_.to_parquet(table_tmp)
-        os.replace(table_tmp, directory / "scorer_reference.parquet")
-        broken_tmp = directory / ".scorer_broken.csv.tmp"
-        self.broken_.to_csv(broken_tmp, index=False)
-        os.replace(broken_tmp, directory / "scorer_broken.csv")
-        json_tmp = directory / f".{SCORER_JSON}.tmp"
-        json_tmp.write_text(json.dumps(meta, indent=1, default=jsonable))
-        os.replace(json_tmp, directory / SCORER_JSON)
+        with atomic_file(directory / "scorer.npz") as tmp:
+            np.savez(tmp, **arrays)
+        write_parquet(self.reference_, directory / "scorer_reference.parquet")
+        write_csv(self.broken_, directory / "scorer_broken.csv")
+        write_json(directory / SCORER_JSON, meta, default=jsonable)  # last: the commit point
         return directory
 
     @classmethod

@@ -29,10 +29,9 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing as mp
-import os
 import shutil
+import threading
 from collections.abc import Iterable, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import MISSING, asdict, fields, replace
 from pathlib import Path
 
@@ -40,10 +39,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from polymap.atomic import write_json
 from polymap.checkpoints.sources import parse_int_list
+from polymap.corpus import CorpusError, load_corpus
+from polymap.device import resolve_device
 from polymap.errors import PolymapError, UsageError
-from polymap.executors import die_with_parent
-from polymap.suite.corpus import CorpusError, load_corpus
+from polymap.executors import ProcessExecutor, TaskFailed
 from polymap.suite.defects import DEFECTS, LEGACY, DefectError, parse_defect
 from polymap.suite.schedule import checkpoint_steps, learning_rate
 from polymap.suite.train import RUN_FILE, SIZES, RunSpec, train_run
@@ -231,6 +232,12 @@ def _check_existing(out: Path, specs: list[RunSpec]) -> None:
             raise SuiteError(f"{out} holds a suite built on another corpus; use another --out")
 
 
+def _drain(queue, update) -> None:
+    """Pass step counts from ``queue`` to ``update`` until a ``None`` arrives."""
+    while (item := queue.get()) is not None:
+        update(item)
+
+
 def _train_worker(spec: RunSpec, out: str, device: str, steps_done) -> str:
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
@@ -244,16 +251,6 @@ def _train_worker(spec: RunSpec, out: str, device: str, steps_done) -> str:
 
     path = train_run(spec, Path(out), data["train"], data["validation"], tokenizer, report, device)
     return str(path)
-
-
-def _training_device(device: str) -> str:
-    """``auto`` trains on the CPU: at these sizes a GPU is no faster, and CPU runs are
-    bit-identical; ``cuda`` asks for the GPU explicitly."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise SuiteUsageError(f"device={device!r} is not one of 'auto', 'cpu', 'cuda'")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SuiteUsageError("device='cuda' requested but no CUDA GPU is available")
-    return "cuda" if device == "cuda" else "cpu"
 
 
 def build(
@@ -279,7 +276,7 @@ def build(
     """
     from safetensors.torch import save_file
 
-    train_device = _training_device(device)
+    train_device = str(resolve_device(device, prefer_gpu=False))
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise SuiteError(f"--out {out} exists and is not a directory")
@@ -319,24 +316,23 @@ def build(
                 )
                 runs_done(spec.name)
         else:
-            ctx = mp.get_context("spawn")
-            pool = ProcessPoolExecutor(
-                jobs, mp_context=ctx, initializer=die_with_parent, initargs=(os.getpid(),)
-            )
-            with ctx.Manager() as manager, pool:
+            # the extraction's process executor (spawned workers that die with this
+            # process; a run whose worker dies is retried once); a thread moves the
+            # workers' step counts to the progress bar
+            with mp.get_context("spawn").Manager() as manager:
                 steps_done = manager.Queue()
-                futures = {
-                    pool.submit(_train_worker, s, str(out), train_device, steps_done): s
-                    for s in todo
-                }
-                pending = set(futures)
-                while pending:
-                    completed, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-                    while not steps_done.empty():
-                        bar.update(steps_done.get())
-                    for future in completed:
-                        future.result()
-                        runs_done(futures[future].name)
+                drain = threading.Thread(target=_drain, args=(steps_done, bar.update), daemon=True)
+                drain.start()
+                tasks = [(s, str(out), train_device, steps_done) for s in todo]
+                try:
+                    with ProcessExecutor(jobs, retries=1) as executor:
+                        for (spec, *_), result in executor.run(_train_worker, tasks):
+                            if isinstance(result, TaskFailed):
+                                raise SuiteError(f"training {spec.name}: {result.reason}")
+                            runs_done(spec.name)
+                finally:
+                    steps_done.put(None)
+                    drain.join()
     return write_manifest(out, specs, data.digest)
 
 
@@ -386,7 +382,5 @@ def write_manifest(out: Path, specs: list[RunSpec], digest: str) -> dict:
         },
         "runs": runs,
     }
-    tmp = out / f".{MANIFEST}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out / MANIFEST)
+    write_json(out / MANIFEST, manifest)
     return manifest

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from polymap.atomic import write_csv
 from polymap.errors import UsageError
 
 DEMO_FEATURES = "hu2023,weights,spectral,evals_native"
@@ -123,9 +124,9 @@ def run_demo(
 
     _say(f"[5/7] labelling instability from the runs' eval logs; scoring at {HORIZON:.0%}", quiet)
     labels = instability_labels(run_logs(out / "suite", "eval"))  # the manifest's rule
-    labels.to_csv(out / "labels.csv", index=False)
+    write_csv(labels, out / "labels.csv")
     scores = scorer.score_reference(horizon=HORIZON)
-    scores.to_csv(out / "scores.csv", index=False)
+    write_csv(scores, out / "scores.csv")
     t = lap("score", t)
 
     _say("[6/7] backtesting the early score against the labels", quiet)
