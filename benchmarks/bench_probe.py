@@ -62,7 +62,33 @@ def main() -> int:
     table = pd.DataFrame(rows).drop_duplicates(["case", "horizon", "loss"])
     print(table.pivot_table(index=["case", "horizon"], columns="loss", values="auroc").round(2)
           .to_markdown())  # fmt: skip
+    print(cost(healthy[0] / "step400"))
     return 0
+
+
+def cost(checkpoint: Path, repeats: int = 7) -> str:
+    """Median seconds of one checkpoint's extraction, ``evals_native`` alone and with the
+    default sets, at both probe sizes (same process, interleaved)."""
+    import statistics
+    import time
+
+    from polymap.checkpoints import CheckpointRef
+    from polymap.extraction import extract_checkpoint
+    from polymap.features.probe import ProbeSpec
+
+    ref = CheckpointRef("r", 400, str(checkpoint))
+    lines = ["| feature sets | 1,024 tokens (s) | 8,192 tokens (s) | ratio |", "|---|---|---|---|"]
+    for sets in ("evals_native", "hu2023,weights,spectral,evals_native"):
+        times = {8: [], 64: []}
+        for _ in range(repeats):
+            for rows_of_128 in (8, 64):
+                spec = ProbeSpec(sequences=8, eval_sequences=rows_of_128)
+                start = time.perf_counter()
+                extract_checkpoint(ref, sets, "cpu", probe=spec)
+                times[rows_of_128].append(time.perf_counter() - start)
+        small, large = statistics.median(times[8]), statistics.median(times[64])
+        lines.append(f"| {sets} | {small:.3f} | {large:.3f} | {large / small:.1f}x |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
