@@ -10,6 +10,10 @@ registered entries that are not polymap's own, serialised with cloudpickle *by v
 interpreter cannot import arrives whole), and :meth:`Registrations.install` re-registers
 them in the worker before it looks names up.
 
+Safety: this is in-memory transport from the driver to the workers it started, the same
+trust as the pickling that multiprocessing and Ray already apply to every task argument;
+nothing here reads a file, and saved polymap artefacts stay JSON + npz + Parquet.
+
 >>> Registrations.current() is None or isinstance(Registrations.current(), Registrations)
 True
 """
