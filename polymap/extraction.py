@@ -46,7 +46,13 @@ from polymap.checkpoints import (
 from polymap.checkpoints.prefetch import HubPrefetcher
 from polymap.device import resolve_device
 from polymap.executors import DEFAULT_RETRIES, Executor, LocalExecutor, TaskFailed, get_executor
-from polymap.features import CheckpointContext, FeatureUnavailableError, Param, get_feature_sets
+from polymap.features import (
+    CheckpointContext,
+    FeatureUnavailableError,
+    Param,
+    feature_sets,
+    get_feature_sets,
+)
 from polymap.features.base import FeatureSet
 from polymap.features.probe import ProbeSpec, build_probe, load_causal_lm, max_positions
 from polymap.plugins import Registrations
@@ -409,7 +415,13 @@ def extract(
             existing = store.compact() if store.path.exists() or store.parts.exists() else existing
         stale = set()
         if store is not None and _probe_changed(store.path, probe or ProbeSpec()):
-            stale = {s.name for s in sets if s.needs_model}
+            # every model-level set of the table is recomputed on the new probe, the ones
+            # this sweep did not ask for included: no table mixes two probes
+            present = {n for v in existing["feature_sets"].dropna() for n in str(v).split(",")}
+            model_level = {n for n, cls in feature_sets().items() if cls.needs_model}
+            stale = (present | set(names)) & model_level
+            extra = sorted(stale - set(names))
+            sets, names = sets + get_feature_sets(extra) if extra else sets, names + extra
             if stale and len(existing):
                 log.warning(
                     "%s was extracted with another probe batch (%s.probe.json): %s are "

@@ -421,6 +421,25 @@ def test_probe_is_saved_with_the_table_and_reproduces(small_suite, tmp_path):
     )
 
 
+def test_a_new_probe_recomputes_every_model_level_set_of_the_table(small_suite, tmp_path):
+    """`gradients` was extracted on probe A; a later sweep asks only for `evals_native` on
+    probe B: the table's gradients are recomputed on B too (never two probes in a table)."""
+    from polymap.features.probe import ProbeSpec
+
+    run, out = [small_suite / "pico-seed0"], tmp_path / "f.parquet"
+    a = ProbeSpec(sequences=2, eval_sequences=2, length=32)
+    b = ProbeSpec(sequences=2, eval_sequences=2, length=16)
+    old = polymap.extract(run, out=out, features="evals_native,gradients", steps="24", probe=a,
+                          progress=False)  # fmt: skip
+    new = polymap.extract(run, out=out, features="evals_native", steps="24", probe=b,
+                          progress=False)  # fmt: skip
+    fresh = polymap.extract(run, features="evals_native,gradients", steps="24", probe=b,
+                            progress=False)  # fmt: skip
+    column = "gradients.total_norm"
+    assert new[column].iloc[0] == fresh[column].iloc[0] != old[column].iloc[0]
+    assert set(new["feature_sets"].iloc[0].split(",")) == {"evals_native", "gradients"}
+
+
 def test_other_lm_eval_04_shapes(tmp_path):
     """model_args as a dict, the revision in config.model_revision, a Hub-cache snapshot
     path, top-level model_name, and group scores kept under "groups"."""
