@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from polymap.atomic import write_json
+from polymap.atomic import atomic_file, write_json
 from polymap.checkpoints import (
     CheckpointError,
     CheckpointRef,
@@ -263,7 +263,8 @@ def save_probe(spec: ProbeSpec, refs: Sequence[CheckpointRef], table: Path) -> P
         log.info("probe not saved: %s", err)
         return None
     npy = table.with_name(table.name + ".probe.npy")
-    np.save(npy, probe.eval_ids.numpy())  # all rows; statistics use the first `sequences`
+    with atomic_file(npy) as tmp:  # all rows; statistics use the first `sequences`
+        np.save(tmp, probe.eval_ids.numpy())
     meta = {
         "spec": dataclasses.asdict(spec),
         "digest": probe.digest,
