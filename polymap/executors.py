@@ -130,8 +130,8 @@ def _died(crashes: int, finished_any: bool) -> str:
     reason = f"worker process died {crashes} time(s) on this task (killed or out of memory?"
     if not finished_any and getattr(sys.modules.get("__main__"), "__file__", None):
         # spawned workers re-import the script: unguarded top-level code runs again there
-        reason += "; if no task has ever finished, does your script guard its top-level "
-        reason += "code with `if __name__ == '__main__':`?"
+        reason += " No task has finished yet: does your script guard its top-level code "
+        reason += "with `if __name__ == '__main__':`?"
     return reason + ")"
 
 

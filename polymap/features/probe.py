@@ -13,7 +13,7 @@ the first ``sequences`` rows, the evals (``evals_native``'s loss and accuracy) o
 ``eval_sequences`` rows. A loss needs more tokens than an activation statistic: on the
 instability zoo, the 1,024-token probe's loss did not separate runs trained on repeated
 data from healthy ones at 25% of training (AUROC 0.53) while 8,192 tokens did (1.00, as the
-suite's own 16k-token validation loss; ``benchmarks/bench_scorer.py``). A probe too short
+suite's own 16k-token validation loss; ``benchmarks/bench_probe.py``). A probe too short
 for that many rows uses the full rows it has (a warning is recorded) and one shorter than a
 single row is an error.
 
