@@ -232,8 +232,8 @@ def _fit(args: argparse.Namespace) -> int:
         part = table if not name else table[table[args.group_by].astype(str) == name]
         try:
             RiskScorer(
-                phase_model=model, n_jobs=args.jobs, random_state=args.seed,
-                progress=not args.quiet,
+                phase_model=model, performance=args.performance, n_jobs=args.jobs,
+                random_state=args.seed, progress=not args.quiet,
             ).fit(part).save(Path(args.out) / name)  # fmt: skip
         except ScoringError as err:
             print(f"{label}no scorer saved: {err}")
@@ -643,6 +643,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--scale", default="global", choices=["global", "per-run"], help="feature scaling"
     )
     p.add_argument("--log", action="store_true", help="log positive heavy-tailed features")
+    p.add_argument(
+        "--performance", default="auto",
+        help="the scorer's performance columns: auto (probe loss/accuracy, eval.* scores), "
+        "none, or sets/columns",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--jobs", type=_jobs, default=-1, help="parallel fits (joblib; -1 = all cores)")
     p.set_defaults(func=_fit, out_kind="dir")

@@ -15,7 +15,12 @@ from test_scoring import STEPS, runs_table
 from polymap.cli import main
 from polymap.phases import PhaseModel
 from polymap.scoring import RiskScorer, ScoringError
-from polymap.scoring.scorer import deviation_evidence, lasting_mean, persistent
+from polymap.scoring.scorer import (
+    deviation_evidence,
+    lasting_mean,
+    performance_z,
+    persistent,
+)
 
 
 @pytest.fixture(scope="module")
@@ -125,12 +130,62 @@ def test_one_persistent_signal_flags():
     assert scores.loc["run2", "p_value"] <= 0.05 and scores.loc["run2", "p_deviation"] < 0.025
 
 
+def test_performance_z_by_hand():
+    """Signed z against the other runs at the same step, spread floored at the typical
+    between-run spread, positive = worse (a higher loss, a lower accuracy)."""
+    rows = []
+    values = {  # run -> (loss at steps 0, 10, 20), (accuracy at the same steps)
+        "a": ((9.0, 5.0, 4.00), (0.10, 0.30, 0.40)),
+        "b": ((9.1, 5.2, 4.10), (0.12, 0.22, 0.35)),
+        "c": ((9.0, 5.1, 4.05), (0.15, 0.26, 0.50)),
+        "d": ((9.3, 5.6, 4.40), (0.1, 0.1, 0.20)),
+    }
+    for run, (loss, acc) in values.items():
+        for step, lv, av in zip((0, 10, 20), loss, acc, strict=True):
+            rows.append({"run": run, "step": step, "e.loss": lv, "e.acc": av})
+    table = pd.DataFrame(rows)
+    target, others = table[table["run"] == "d"], table[table["run"] != "d"]
+    steps, z = performance_z(target, others, ["e.loss", "e.acc"])
+    assert steps.tolist() == [0, 10, 20]
+    for j, (column, worse) in enumerate((("e.loss", 1.0), ("e.acc", -1.0))):
+        per_step = [others.loc[others["step"] == s, column].to_numpy() for s in (0, 10, 20)]
+        mads = [1.4826 * np.median(np.abs(v - np.median(v))) for v in per_step]
+        typical = np.median(mads)
+        for i, v in enumerate(per_step):
+            expected = worse * (target[column].iloc[i] - np.median(v)) / max(mads[i], typical)
+            assert z[i, j] == pytest.approx(expected, rel=1e-9)
+    assert (z[1:] > 0).all()  # run d is worse on both from step 10
+    assert z[0, 0] == pytest.approx(0.3 / (1.4826 * 0.05))  # step 0: MAD 0, floored
+
+
+def test_persistent_performance_gap_flags_where_the_deviation_cannot():
+    """A loss 0.12 nats above the others' (~8 between-run SDs) from step 16 on: tiny
+    next to the loss's 7-nat fall over training, so the deviation (spread floored at 5%
+    of the range) does not see it; the performance signal does, and says so."""
+    healthy = runs_table(outliers=(), seed=7, loss=True)
+    worse = healthy.copy()
+    rows = (worse["run"] == "run4") & (worse["step"] >= 16)
+    worse.loc[rows, "evals_native.loss"] += 0.12
+    scorer = RiskScorer(phase_model=PhaseModel(n_states=1, restarts=1)).fit(worse)
+    assert scorer.performance_features_ == ["evals_native.loss"]
+    scores = scorer.score_reference(horizon=0.25).set_index("run")
+    assert scores["flagged"].sum() == 1 and scores.loc["run4", "flagged"]
+    top = scores.loc["run4"]
+    assert top["p_performance"] < 0.025 and top["p_deviation"] > 0.05
+    assert "evals_native.loss" in top["explanation"] and top["first_flag_step"] <= 250
+    blind = RiskScorer(phase_model=PhaseModel(n_states=1, restarts=1), performance="none")
+    scores = blind.fit(worse).score_reference(horizon=0.25).set_index("run")
+    assert not scores["flagged"].any() and scores["performance"].isna().all()
+
+
 @pytest.mark.slow
 def test_false_alarm_rate_on_healthy_references():
-    """20 healthy-only references of 12 runs: 240 scored runs at alpha 0.05."""
+    """20 healthy-only references of 12 runs: 240 scored runs at alpha 0.05, with a
+    probe loss (a persistent per-run offset, as seeds have), so the performance signal
+    takes part in the decision too."""
     flagged, scored = 0, 0
     for seed in range(20):
-        healthy = runs_table(n_runs=12, outliers=(), seed=100 + seed)
+        healthy = runs_table(n_runs=12, outliers=(), seed=100 + seed, loss=True)
         scorer = RiskScorer(phase_model=PhaseModel(n_states=2, restarts=1), alpha=0.05)
         scores = scorer.fit(healthy).score_reference(horizon=0.25)
         flagged += int(scores["flagged"].sum())
@@ -160,9 +215,11 @@ def test_broken_checkpoints_are_evidence(table):
     assert not early.loc["run1", "flagged"]
 
 
-def test_new_partial_runs_scored_without_refit(table, tmp_path, monkeypatch):
+def test_new_partial_runs_scored_without_refit(tmp_path, monkeypatch):
+    table = runs_table(loss=True)
     reference = table[~table["run"].isin(["run3", "run7"])]
     scorer = RiskScorer(phase_model=PhaseModel(n_states=3, restarts=1)).fit(reference)
+    assert scorer.performance_features_ == ["evals_native.loss"]
     scorer.save(tmp_path / "m")
     loaded = RiskScorer.load(tmp_path / "m")
 
@@ -170,7 +227,7 @@ def test_new_partial_runs_scored_without_refit(table, tmp_path, monkeypatch):
         raise AssertionError("scoring a new run must not refit anything")
 
     monkeypatch.setattr(PhaseModel, "fit", no_fit)
-    newcomers = runs_table(n_runs=10, seed=0)
+    newcomers = runs_table(n_runs=10, seed=0, loss=True)
     bad = newcomers[(newcomers["run"] == "run7") & (newcomers["step"] <= 64)].assign(run="bad")
     ok = newcomers[(newcomers["run"] == "run1") & (newcomers["step"] <= 64)].assign(run="ok")
     scores = loaded.score(pd.concat([bad, ok]), until_step=64).set_index("run")
@@ -178,8 +235,14 @@ def test_new_partial_runs_scored_without_refit(table, tmp_path, monkeypatch):
     assert scores.loc["bad", "n_checkpoints"] == (STEPS <= 64).sum()
     direct = scorer.score(pd.concat([bad, ok]), until_step=64).set_index("run")
     pd.testing.assert_frame_equal(scores, direct)
-    # the saved reference side (whole-run |z| and paths) is what recomputing gives
+    assert scores["p_performance"].notna().all()
+    # the saved reference side (whole-run |z|, performance z and paths) is what
+    # recomputing gives
     monkeypatch.undo()
+    assert set(loaded.reference_performance_) == set(loaded.loo_models_)
+    for run, (steps, z) in loaded._whole_run_performance().items():
+        np.testing.assert_array_equal(loaded.reference_performance_[run][0], steps)
+        np.testing.assert_array_equal(loaded.reference_performance_[run][1], z)
     for run, (steps, z) in loaded._whole_run_z().items():
         np.testing.assert_array_equal(loaded.reference_z_[run][0], steps)
         np.testing.assert_array_equal(loaded.reference_z_[run][1], z)

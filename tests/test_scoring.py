@@ -22,9 +22,12 @@ from polymap.scoring import (
 STEPS = np.array([0, 1, 2, 4, 8, 16, 32, 64] + list(range(100, 1001, 100)))
 
 
-def runs_table(n_runs=10, outliers=("run3", "run7"), d=6, seed=0):
+def runs_table(n_runs=10, outliers=("run3", "run7"), d=6, seed=0, loss=False):
     """Runs share a trajectory (features drift with log step, plus seed noise); outliers
-    leave it from step 16 on (early), and their 'acc' collapses from step 800 (late)."""
+    leave it from step 16 on (early), and their 'acc' collapses from step 800 (late).
+    ``loss=True`` adds an ``evals_native.loss`` column (drawn from its own generator,
+    so the other columns are unchanged): a curve falling from ~10.8 to ~3.8 nats, a
+    persistent per-run offset (SD 0.01 nats) and checkpoint noise (SD 0.005)."""
     rng = np.random.default_rng(seed)
     base = rng.normal(size=d)
     rows = []
@@ -47,7 +50,15 @@ def runs_table(n_runs=10, outliers=("run3", "run7"), d=6, seed=0):
                     **{f"syn.f{j}": x[j] for j in range(d)},
                 }
             )
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    if loss:
+        noise = np.random.default_rng(seed + 1000)
+        offset = dict(zip(table["run"].unique(), noise.normal(scale=0.01, size=n_runs)))
+        curve = 3.5 + 7.3 * (1.0 + table["step"].to_numpy(float)) ** -0.35
+        table["evals_native.loss"] = (
+            curve + table["run"].map(offset) + noise.normal(scale=0.005, size=len(table))
+        )
+    return table
 
 
 @pytest.fixture(scope="module")

@@ -409,12 +409,22 @@ def risk_figure(inputs: ExportInputs, paths: list[Path] | None = None, ax=None):
             mark = " (stable)"
         labels.append(f"{rec.run}{mark}")
     ax.set_yticks(y, labels, fontsize=8)
-    ax.set_xlim(0, cap * 1.45)
+    ax.set_xlim(0, cap * 1.05)
     ax.axvline(line, color="crimson", lw=0.8, ls=":")
-    signals = [c for c in ("path_z", "likelihood_z", "deviation_z") if c in scores.columns]
-    for rec_y, (_, rec) in zip(y, scores.iterrows(), strict=True):
-        text = "  ".join(f"{c.removesuffix('_z')} {rec[c]:+.1f}" for c in signals)
-        ax.text(cap * 1.02, rec_y, text, va="center", fontsize=7, family="monospace")
+    signals = [
+        c
+        for c in ("path_z", "likelihood_z", "deviation_z", "performance_z")
+        if c in scores.columns and scores[c].notna().any()
+    ]
+    if signals:  # tick labels of a right-hand axis: the layout makes room for them
+        texts = [
+            "  ".join(f"{c.removesuffix('_z')} {rec[c]:+6.1f}" for c in signals)
+            for _, rec in scores.iterrows()
+        ]
+        right = ax.twinx()
+        right.set_ylim(ax.get_ylim())
+        right.set_yticks(y, texts, fontsize=7, family="monospace")
+        right.tick_params(axis="y", length=0)
     horizon = scores["horizon_step"].iloc[0] if "horizon_step" in scores.columns else None
     title = "Runs ranked by evidence (red: flagged); signal z-scores at right"
     if horizon is not None and not pd.isna(horizon):

@@ -74,8 +74,8 @@ def write_report(inputs: ExportInputs, folder: Path, path: Path) -> Path:
         columns = [
             c
             for c in ("run", "risk", "flagged", "p_value", "path_z", "likelihood_z",
-                      "deviation_z", "first_flag_step", "first_deviation_step", "horizon_step",
-                      "explanation")
+                      "deviation_z", "performance_z", "first_flag_step", "first_deviation_step",
+                      "horizon_step", "explanation")
             if c in inputs.scores.columns
         ]  # fmt: skip
         scores = inputs.scores.sort_values("risk", ascending=False)[columns]

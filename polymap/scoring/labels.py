@@ -60,9 +60,18 @@ NOISE_Z = 3.0
 GAP_FRACTION = 0.1
 
 
-def _guess_higher_is_better(metric: str) -> bool:
+LOWER_IS_BETTER = ("loss", "ppl", "perplexity", "nll", "bits_per_byte", "bpb", "error")
+
+
+def better_when_higher(metric: str) -> bool:
+    """Whether a higher value of ``metric`` is better, from its name: losses,
+    perplexities, NLL, bits per byte and error rates are lower-is-better.
+
+    >>> better_when_higher("eval.piqa.acc"), better_when_higher("evals_native.loss")
+    (True, False)
+    """
     name = metric.lower()
-    return not any(w in name for w in ("loss", "ppl", "perplexity", "nll"))
+    return not any(w in name for w in LOWER_IS_BETTER)
 
 
 def _curves(table: pd.DataFrame, metric: str) -> dict[str, np.ndarray]:
@@ -192,7 +201,7 @@ def label_runs(
             )  # fmt: skip
         return pd.concat(parts, ignore_index=True)
     if higher_is_better is None:
-        higher_is_better = _guess_higher_is_better(metric)
+        higher_is_better = better_when_higher(metric)
     sign = 1.0 if higher_is_better else -1.0  # sign * value: higher is better
     curves = _curves(table, metric)
     late_change, moving = metric_scale(curves, sign)

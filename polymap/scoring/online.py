@@ -118,6 +118,7 @@ class RiskMonitor:
                     "path",
                     "likelihood",
                     "deviation",
+                    "performance",
                     "explanation",
                 )
             },

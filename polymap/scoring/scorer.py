@@ -21,6 +21,16 @@ From a checkpoint's features to a flag, top to bottom:
      eval score (a feature with a ``_stderr`` column) counts only from the step at which
      the reference runs leave its floor (``feature_start_``: chance-level accuracies
      differ by noise and by what a random init happens to guess).
+   - ``performance``: how much *worse* the run performs than the other runs at the same
+     step, on the probe's loss and token accuracy and any lm-eval score
+     (:func:`performance_features`): per feature the signed robust z (positive = worse)
+     with the spread floored at the feature's typical between-run spread
+     (:func:`typical_spread`) - not at a fraction of its range over training, which for
+     a loss that falls from 11 to 4 nats hides a persistent 0.08-nat gap between runs
+     that are 0.015 nats apart - averaged over the features per checkpoint, clipped,
+     made persistent and aggregated like the deviation. It is the early form of what
+     "unstable" later means (a loss above the others'), so one strong persistent gap can
+     flag on its own.
    - ``path`` and ``likelihood``: the run's Viterbi path against the other runs' paths
      and its mean forward log-likelihood per checkpoint, under a clone of the user's
      :class:`~polymap.phases.PhaseModel` (same features, covariance, scaling, log
@@ -31,7 +41,8 @@ From a checkpoint's features to a flag, top to bottom:
 2. **A p-value per signal** against the reference runs' own values (each computed
    leave-one-run-out at the same horizon): the signal (``log`` for the positive
    deviation) is standardised by the reference's median and 1.4826 MAD (floored per
-   signal, :data:`SIGNAL_FLOORS`), and ``p = P(T > z)`` for Student's t with ``n - 1``
+   signal, :data:`SIGNAL_FLOORS`; the performance is standardised as is, it can be
+   negative), and ``p = P(T > z)`` for Student's t with ``n - 1``
    degrees of freedom, scaled by ``sqrt(1 + 1/n)`` (the predictive distribution of one
    more run). The plain conformal p-value ``(1 + #{reference >= value}) / (n + 1)`` is
    reported too (``p_conformal``); it cannot go below ``1 / (n + 1)`` - 0.1 with 9
@@ -39,7 +50,8 @@ From a checkpoint's features to a flag, top to bottom:
    alarm rate is *measured* (README, benchmarks/README.md) rather than guaranteed.
 
 3. **The decision.** The path signal is discrete (most healthy runs score exactly 0), so
-   its p-value is the conformal one; the deviation's is the t tail. ``p_value`` is
+   its p-value is the conformal one; the deviation's and the performance's are the t
+   tail. ``p_value`` is
    Bonferroni over the decision signals that can reach significance (Tarone's
    refinement: with n reference runs the path's p cannot go below ``1 / (n + 1)``, so
    below 40 runs it cannot flag at 0.05 and is not counted): one strong signal can flag
@@ -76,18 +88,23 @@ from polymap.atomic import atomic_file, write_csv, write_json, write_parquet
 from polymap.phases.io import jsonable
 from polymap.phases.model import PhaseModel
 from polymap.phases.preprocess import UNCERTAINTY_SUFFIX, PhaseInputError, usable_rows
-from polymap.robust import median_mad
+from polymap.robust import MAD_SCALE, median_mad
 from polymap.scoring.score import ScoringError, horizon_step, path_disagreement
 from polymap.table import as_table, feature_columns
 
 log = logging.getLogger(__name__)
 
-SIGNALS = ("path", "likelihood", "deviation")
+SIGNALS = ("path", "likelihood", "deviation", "performance")
 # the signals whose p-values decide ``flagged``: the likelihood's null is heavier-tailed
 # than the t tail assumes (measured: 5% of healthy runs below its Bonferroni level of
 # 1.7% on 240 healthy synthetic runs), so it is reported and ranks, but does not flag
-DECISION_SIGNALS = ("path", "deviation")
-SIGNAL_FLOORS = {"path": 0.05, "likelihood": 0.1, "deviation": 0.1}  # deviation: in log
+DECISION_SIGNALS = ("path", "deviation", "performance")
+# deviation: in log; performance: in z units
+SIGNAL_FLOORS = {"path": 0.05, "likelihood": 0.1, "deviation": 0.1, "performance": 0.1}
+# what the performance signal reads by default: the probe's loss and token accuracy
+# (its perplexity is the loss again) and every lm-eval score
+NATIVE_PERFORMANCE = ("evals_native.loss", "evals_native.token_acc")
+EVAL_PREFIX = "eval."
 FEATURE_FLOOR = 0.05
 MIN_DISTINCT = 8
 SCORER_FORMAT = "polymap.RiskScorer"
@@ -112,6 +129,27 @@ def scoring_features(table: pd.DataFrame, features: str | list[str] | None = Non
         for c in feature_columns(table)
         if c.split(".")[0] not in EXCLUDED_SETS and not c.endswith(EXCLUDED_SUFFIXES)
     ]
+
+
+def performance_features(
+    table: pd.DataFrame, performance: str | list[str] | None = "auto"
+) -> list[str]:
+    """The performance signal's columns. ``"auto"``: ``evals_native.loss``,
+    ``evals_native.token_acc`` and every lm-eval score (``eval.*``, not its
+    ``_stderr``) the table has; ``"none"`` or None: no performance signal; else sets
+    or columns, as ``features``."""
+    from polymap.phases.preprocess import select_columns
+
+    if performance is None or (isinstance(performance, str) and performance == "none"):
+        return []
+    if isinstance(performance, str) and performance == "auto":
+        return [
+            c
+            for c in feature_columns(table)
+            if (c in NATIVE_PERFORMANCE or c.startswith(EVAL_PREFIX))
+            and not c.endswith(UNCERTAINTY_SUFFIX)
+        ]
+    return select_columns(table, performance)
 
 
 def broken_rows(table: pd.DataFrame, features: list[str]) -> pd.DataFrame:
@@ -249,6 +287,67 @@ def _interpolate(tx: np.ndarray, run: pd.DataFrame, features: list[str]) -> np.n
     return out
 
 
+def _range_floor(others: pd.DataFrame, features: list[str], fraction: float) -> np.ndarray:
+    """``fraction`` x each feature's inter-quartile range over ``others`` (its standard
+    deviation when that range is 0), at least 1e-12."""
+    reference = others[features].to_numpy(float)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q75, q25 = _column_quantiles(reference, (0.75, 0.25))
+        spread = np.where(q75 > q25, q75 - q25, np.nan_to_num(np.nanstd(reference, axis=0)))
+    return np.maximum(fraction * spread, 1e-12)
+
+
+def typical_spread(others: pd.DataFrame, features: list[str]) -> np.ndarray:
+    """Each feature's typical between-run spread: the median over steps (those at
+    which at least 3 runs of ``others`` have a checkpoint) of the runs' 1.4826 MAD at
+    that step. NaN where no step has 3 runs.
+
+    >>> t = pd.DataFrame({"run": list("abcabc"), "step": [0, 0, 0, 9, 9, 9],
+    ...                   "f.x": [1.0, 2.0, 3.0, 10.0, 10.0, 14.0]})
+    >>> typical_spread(t, ["f.x"]).round(4).tolist()    # median of 1.4826 and 0
+    [0.7413]
+    """
+    runs = others.groupby("step")["run"].nunique()
+    shared = others[others["step"].isin(runs.index[runs >= 3])]
+    if shared.empty:
+        return np.full(len(features), np.nan)
+    by_step = shared.groupby("step")[features]
+    deviation = (shared[features] - by_step.transform("median")).abs()
+    mad = deviation.groupby(shared["step"]).median().to_numpy(float) * MAD_SCALE
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column -> NaN
+        return np.nanmedian(mad, axis=0)
+
+
+def _peer_z(
+    target: pd.DataFrame, others: pd.DataFrame, features: list[str], floor: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Signed robust z of ``target``'s features against ``others`` at the same step
+    (their curves interpolated in log(1 + step)): ``(value - median) / spread`` with the
+    spread the peers' 1.4826 MAD, at least ``floor`` (per feature) and the value's own
+    ``<feature>_stderr``. Returns ``(steps, z)`` for the target's checkpoints with at
+    least two comparable other runs (non-finite z -> 0)."""
+    target = target.sort_values("step")
+    tx = np.log1p(target["step"].to_numpy(float))
+    values = target[features].to_numpy(float)
+    groups = [g for _, g in others.sort_values("step").groupby("run")]
+    peers = np.stack([_interpolate(tx, g, features) for g in groups]) if groups else None
+    if peers is None:
+        peers = np.full((0, len(tx), len(features)), np.nan)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        noise = np.zeros_like(values)
+        for j, f in enumerate(features):
+            if f"{f}{UNCERTAINTY_SUFFIX}" in target.columns:
+                noise[:, j] = np.nan_to_num(target[f"{f}{UNCERTAINTY_SUFFIX}"].to_numpy(float))
+        median, mad = median_mad(peers, axis=0)
+        z = (values - median) / np.maximum(np.maximum(mad, floor), noise)
+    z = np.where(np.isfinite(z), z, 0.0)
+    enough = (np.isfinite(peers[:, :, 0]).sum(axis=0) >= 2) if groups else np.zeros(len(tx), bool)
+    return target["step"].to_numpy()[enough], z[enough]
+
+
 def feature_z(
     target: pd.DataFrame,
     others: pd.DataFrame,
@@ -264,28 +363,39 @@ def feature_z(
     ``others`` (its standard deviation when that range is 0) and at the value's own
     ``<feature>_stderr``.
     """
-    target = target.sort_values("step")
-    tx = np.log1p(target["step"].to_numpy(float))
-    values = target[features].to_numpy(float)
-    groups = [g for _, g in others.sort_values("step").groupby("run")]
-    peers = np.stack([_interpolate(tx, g, features) for g in groups]) if groups else None
-    if peers is None:
-        peers = np.full((0, len(tx), len(features)), np.nan)
-    reference = others[features].to_numpy(float)
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        q75, q25 = _column_quantiles(reference, (0.75, 0.25))
-        spread = np.where(q75 > q25, q75 - q25, np.nan_to_num(np.nanstd(reference, axis=0)))
-        floor = np.maximum(floor * spread, 1e-12)
-        noise = np.zeros_like(values)
-        for j, f in enumerate(features):
-            if f"{f}{UNCERTAINTY_SUFFIX}" in target.columns:
-                noise[:, j] = np.nan_to_num(target[f"{f}{UNCERTAINTY_SUFFIX}"].to_numpy(float))
-        median, mad = median_mad(peers, axis=0)
-        z = np.abs((values - median) / np.maximum(np.maximum(mad, floor), noise))
-    z = np.where(np.isfinite(z), z, 0.0)
-    enough = (np.isfinite(peers[:, :, 0]).sum(axis=0) >= 2) if groups else np.zeros(len(tx), bool)
-    return target["step"].to_numpy()[enough], z[enough]
+    steps, z = _peer_z(target, others, features, _range_floor(others, features, floor))
+    return steps, np.abs(z)
+
+
+def performance_z(
+    target: pd.DataFrame,
+    others: pd.DataFrame,
+    features: list[str],
+    starts: dict[str, float] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """How much *worse* than ``others`` ``target`` performs at each checkpoint, per
+    performance feature: the signed robust z (positive = worse: a higher loss, a lower
+    accuracy, :func:`~polymap.scoring.labels.better_when_higher`) against the other
+    runs at the same step. The spread is floored at the feature's
+    :func:`typical_spread` between runs (not at a fraction of its range over training,
+    which for a loss falling from 11 to 4 nats dwarfs a 0.05-nat gap between runs) and
+    at the value's ``<feature>_stderr``. An eval score counts from ``starts[feature]``
+    (the step the reference leaves its floor); before it, 0.
+
+    Returns ``(steps, z)``, ``z`` of shape checkpoints x features.
+    """
+    from polymap.scoring.labels import better_when_higher
+
+    typical = typical_spread(others, features)
+    fallback = _range_floor(others, features, FEATURE_FLOOR)
+    floor = np.where(np.isfinite(typical) & (typical > 0), typical, fallback)
+    steps, z = _peer_z(target, others, features, floor)
+    worse = np.array([-1.0 if better_when_higher(f) else 1.0 for f in features])
+    z = z * worse
+    for j, f in enumerate(features):
+        if starts and f in starts:
+            z[np.asarray(steps) < starts[f], j] = 0.0
+    return steps, z
 
 
 def feature_noise(z_by_run: dict[str, np.ndarray], exclude: str | None = None) -> np.ndarray:
@@ -391,28 +501,49 @@ def _tarone(tests: dict[str, tuple[float, float]], alpha: float) -> tuple[float,
     return min(1.0, m * min(counted)), m
 
 
-def _first_flag_step(sig: dict, null: dict, run: str, alpha: float) -> int | None:
-    """The first checkpoint at which the deviation signal *up to it* (its running mean,
-    against the reference runs' running means at the same checkpoint) would flag."""
-    per = sig.get("_per")
+def _running_mean(values: np.ndarray) -> np.ndarray:
+    return np.cumsum(values) / np.arange(1, len(values) + 1)
+
+
+def _running_lasting_mean(values: np.ndarray) -> np.ndarray:
+    return np.array([lasting_mean(values[: i + 1]) for i in range(len(values))])
+
+
+# signal -> (per-checkpoint frame key, its column, the statistic up to each checkpoint,
+# whether the p-value is taken on the log)
+_FIRST_FLAG = {
+    "deviation": ("_per", "evidence", _running_mean, True),
+    "performance": ("_perf", "value", _running_lasting_mean, False),
+    "path": (None, None, None, False),
+}
+
+
+def _first_flag_step(sig: dict, null: dict, run: str, alpha: float, signal: str) -> int | None:
+    """The first checkpoint at which ``signal`` *up to it* (the deviation's running mean
+    of evidence, the performance's lasting mean), against the reference runs' same
+    statistic at the same checkpoint, would flag at ``alpha`` (None for the path, which
+    is decided on the whole path)."""
+    key, column, statistic, logged = _FIRST_FLAG[signal]
+    per = sig.get(key) if key else None
     if per is None or per.empty:
         return None
-    pools = []  # (steps, running mean of evidence) of every other reference run
+    pools = []  # (steps, statistic up to each checkpoint) of every other reference run
     for r, other in null.items():
-        if r != run and "_per" in other and len(other["_per"]):
-            ev = other["_per"]["evidence"].to_numpy(float)
-            pools.append(
-                (other["_per"]["step"].to_numpy(), np.cumsum(ev) / np.arange(1, len(ev) + 1))
-            )
-    running = per["evidence"].expanding().mean().to_numpy()
+        if r != run and key in other and len(other[key]):
+            values = other[key][column].to_numpy(float)
+            pools.append((other[key]["step"].to_numpy(), statistic(values)))
+    own = statistic(per[column].to_numpy(float))
+
+    def scale(x):
+        return np.log(np.maximum(x, 1e-6)) if logged else np.asarray(x, dtype=float)
+
     for i, step in enumerate(per["step"].to_numpy()):
         ref = [
             means[j - 1] for steps, means in pools if (j := np.searchsorted(steps, step, "right"))
         ]
         if len(ref) < 2:
             continue
-        ref = np.log(np.maximum(np.asarray(ref), 1e-6))
-        _, p = _tail(math.log(max(running[i], 1e-6)), ref, SIGNAL_FLOORS["deviation"])
+        _, p = _tail(float(scale(own[i])), scale(np.asarray(ref)), SIGNAL_FLOORS[signal])
         if p <= alpha:
             return int(step)
     return None
@@ -429,6 +560,10 @@ class RiskScorer(BaseEstimator):
         The leave-one-run-out models are clones of it with K fixed.
     features : str or list, optional
         Columns of the deviation signal (default :func:`scoring_features`).
+    performance : str or list, optional
+        Columns of the performance signal: ``"auto"`` (default: the probe's loss and
+        token accuracy and every ``eval.*`` score the table has,
+        :func:`performance_features`), ``"none"``, or sets/columns.
     alpha : float
         Nominal false-alarm rate of ``flagged`` per run (default 0.05).
     z_clip, persistence, top_k
@@ -451,6 +586,7 @@ class RiskScorer(BaseEstimator):
     phase_model_ : PhaseModel fitted on the whole reference
     features_ : list of str (deviation columns actually used)
     degenerate_features_ : list of str
+    performance_features_ : list of str (performance columns actually used; may be empty)
     feature_start_ : dict feature -> step from which an eval score (a feature with a
         ``_stderr`` column) counts: where the runs leave its floor (:func:`floor_ends`)
     reference_ : pandas.DataFrame (usable reference rows)
@@ -460,6 +596,8 @@ class RiskScorer(BaseEstimator):
         other whole runs (saved; the reference side of scoring new runs)
     reference_paths_ : dict (run left out, or None for the whole map) -> each reference
         row's Viterbi state on whole runs (-1: none); saved
+    reference_performance_ : dict run -> (steps, signed z) of each reference run's
+        performance columns against the other whole runs (saved, like ``reference_z_``)
     """
 
     def __init__(
@@ -467,6 +605,7 @@ class RiskScorer(BaseEstimator):
         *,
         phase_model: PhaseModel | None = None,
         features: str | list[str] | None = None,
+        performance: str | list[str] | None = "auto",
         alpha: float = 0.05,
         z_clip: float = 8.0,
         persistence: int = 3,
@@ -478,6 +617,7 @@ class RiskScorer(BaseEstimator):
     ):
         self.phase_model = phase_model
         self.features = features
+        self.performance = performance
         self.alpha = alpha
         self.z_clip = z_clip
         self.persistence = persistence
@@ -523,10 +663,15 @@ class RiskScorer(BaseEstimator):
             raise ScoringError("no usable deviation feature (all constant or discrete)")
         if degenerate:
             log.info("deviation leaves out %d discrete feature(s)", len(degenerate))
+        performance = performance_features(table, self.performance)
+        discrete = _degenerate(clean, performance)
+        self.performance_features_ = [f for f in performance if f not in discrete]
         self.reference_ = clean
-        self.feature_start_ = floor_ends(clean, self.features_)
+        starts = list(dict.fromkeys(self.features_ + self.performance_features_))
+        self.feature_start_ = floor_ends(clean, starts)
         self.loo_models_ = self._fit_loo(clean, None)
         self.reference_z_ = self._whole_run_z()
+        self.reference_performance_ = self._whole_run_performance()
         self.reference_paths_ = self._whole_run_paths()
         self._null_cache: dict = {}
         self._null_z: dict = {}
@@ -566,6 +711,23 @@ class RiskScorer(BaseEstimator):
             out[run] = (np.asarray(steps, dtype=np.int64), z.astype(np.float32))
         return out
 
+    def _whole_run_performance(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Each reference run's performance z against the other whole runs, at all its
+        checkpoints (per column and per checkpoint, so a horizon and a subset of columns
+        are slices, as for :meth:`_whole_run_z`); empty without performance columns."""
+        if not self.performance_features_:
+            return {}
+        reference = self.reference_
+        out = {}
+        for run in self.loo_models_:
+            target = reference[reference["run"] == run]
+            others = reference[reference["run"] != run]
+            steps, z = performance_z(
+                target, others, self.performance_features_, self.feature_start_
+            )
+            out[run] = (np.asarray(steps, dtype=np.int64), z.astype(np.float32))
+        return out
+
     def _template(self) -> PhaseModel:
         return clone(self.phase_model_).set_params(
             n_states=int(self.phase_model_.n_states_), n_folds=1, n_jobs=1, progress=False
@@ -589,13 +751,15 @@ class RiskScorer(BaseEstimator):
         if not hasattr(self, "reference_"):
             raise RuntimeError("this RiskScorer is not fitted yet; call fit() or load()")
 
-    def _signals(self, model, target, others_paths, per: pd.DataFrame | None) -> dict:
-        """The three signals of one (clean, cut) target run: path and likelihood under
-        ``model`` against the other runs' paths, and the deviation from its
-        per-checkpoint evidence ``per`` (:meth:`_evidence`); each a per-checkpoint series,
-        made persistent (:func:`persistent`) and aggregated by :func:`lasting_mean`."""
+    def _signals(self, model, target, others_paths, per: pd.DataFrame | None, perf=None) -> dict:
+        """The signals of one (clean, cut) target run: path and likelihood under
+        ``model`` against the other runs' paths, the deviation from its per-checkpoint
+        evidence ``per`` (:meth:`_evidence`) and the performance from ``perf`` (``steps,
+        z, columns`` of :func:`performance_z`, or None); each a per-checkpoint series, made
+        persistent (:func:`persistent`) and aggregated by :func:`lasting_mean`."""
         out = {s: math.nan for s in SIGNALS}
         out.update(first_flag_step=None, explanation="no checkpoint before the horizon")
+        out.update(self._performance(perf))
         if target.empty:
             return out
         try:
@@ -617,15 +781,39 @@ class RiskScorer(BaseEstimator):
             out["explanation"] = "no comparable reference checkpoints"
         return out
 
+    def _performance(self, perf) -> dict:
+        """The performance signal from ``perf = (steps, z, columns)``: per checkpoint the mean
+        over the performance features of the signed z (positive: worse), clipped at
+        ``z_clip``, made persistent, aggregated by :func:`lasting_mean`."""
+        if perf is None or not len(perf[0]):
+            return {}
+        steps, z, features = perf
+        series = persistent(np.clip(z.mean(axis=1), -self.z_clip, self.z_clip), self.persistence)
+        worst = int(np.argmax(series))
+        top = ", ".join(f"{f} z={z[worst, j]:+.1f}" for j, f in enumerate(features[:3]))
+        return {
+            "performance": lasting_mean(series),
+            "_perf": pd.DataFrame({"step": np.asarray(steps), "value": series}),
+            "performance_explanation": (
+                f"performance worse than the reference at step {int(steps[worst])}: {top}"
+            ),
+        }
+
     def _reference_signals(
-        self, cut: int, strict: bool, features: tuple[str, ...] | None = None
+        self,
+        cut: int,
+        strict: bool,
+        features: tuple[str, ...] | None = None,
+        performance: tuple[str, ...] | None = None,
     ) -> dict[str, dict]:
         """Each reference run's signals at ``cut``, leave-one-run-out. ``strict``: every
         run cut at ``cut`` and the leave-one-out models refitted on the cut reference (a
-        backtest); else the stored whole-run models and whole other runs. ``features``:
-        the deviation columns (default all of ``features_``)."""
+        backtest); else the stored whole-run models and whole other runs. ``features``,
+        ``performance``: the deviation and performance columns (default all of
+        ``features_``, ``performance_features_``)."""
         features = list(features or self.features_)
-        key = (cut, strict, tuple(features))
+        performance = list(self.performance_features_ if performance is None else performance)
+        key = (cut, strict, tuple(features), tuple(performance))
         if key in self._null_cache:
             return self._null_cache[key]
         reference = self.reference_
@@ -658,10 +846,21 @@ class RiskScorer(BaseEstimator):
                 others_paths = _safe_predict(model, others[others["step"] <= cut])
             else:  # the whole other runs' paths, cut
                 others_paths = self._other_paths(run, cut)
-            per = None
+            per = perf = None
             if zs[run] is not None:
                 per = self._evidence(*zs[run], feature_noise(z_only, exclude=run), features)
-            out[run] = self._signals(model, target, others_paths, per)
+            if performance and len(target):
+                if not strict and run in self.reference_performance_:  # cut and sliced
+                    steps, z = self.reference_performance_[run]
+                    keep = steps <= cut
+                    own = [self.performance_features_.index(f) for f in performance]
+                    perf = (steps[keep], z[keep][:, own].astype(float), performance)
+                else:
+                    perf = (
+                        *performance_z(target, others, performance, self.feature_start_),
+                        performance,
+                    )
+            out[run] = self._signals(model, target, others_paths, per, perf)
         self._null_z[key] = z_only
         self._null_cache[key] = out
         return out
@@ -702,11 +901,18 @@ class RiskScorer(BaseEstimator):
         )
         dev = sig["deviation"]
         row["p_conformal"] = _conformal(dev, dev_pool) if math.isfinite(dev) else 1.0
-        comparable = "_per" in sig  # some checkpoint had reference runs at its step
+        # some checkpoint had reference runs at its step
+        comparable = "_per" in sig or "_perf" in sig
         flagged = p_value <= self.alpha and n > 0 and comparable
-        first = _first_flag_step(sig, null, run, self.alpha / counted) if flagged else None
-        if flagged and first is None:
-            first = cut
+        first = None
+        explanation = sig["explanation"]
+        if flagged:
+            level = self.alpha / counted
+            deciding = [s for s, (p, _) in tests.items() if p * counted <= self.alpha]
+            firsts = [_first_flag_step(sig, null, run, level, s) for s in deciding]
+            first = min((f for f in firsts if f is not None), default=cut)
+            if "performance" in deciding and "performance_explanation" in sig:
+                explanation = f"{sig['performance_explanation']}; {explanation}"
         smallest = min((p for p, _ in tests.values()), default=1.0)
         row.update(
             risk=1.0 - smallest if n > 0 else 0.0,
@@ -715,7 +921,7 @@ class RiskScorer(BaseEstimator):
             first_flag_step=first if flagged else None,
             horizon_step=cut,
             n_checkpoints=n,
-            explanation=sig["explanation"],
+            explanation=explanation,
         )
         return row
 
@@ -788,8 +994,9 @@ class RiskScorer(BaseEstimator):
                 "uses the other %d, for the reference runs too",
                 len(missing), missing[:3], len(features),
             )  # fmt: skip
+        performance = tuple(f for f in self.performance_features_ if f in targets.columns)
         cut = horizon_step(self.reference_, horizon, until_step)
-        null = self._reference_signals(cut, strict=False, features=tuple(features))
+        null = self._reference_signals(cut, False, tuple(features), performance)
         targets = targets.copy()
         targets["run"] = targets["run"].astype(str)
         broken = broken_rows(targets, features)
@@ -807,12 +1014,17 @@ class RiskScorer(BaseEstimator):
             others = self.reference_[self.reference_["run"] != run]
             others_paths = self._other_paths(key, cut)
             target = usable_rows(target) if len(target) else target
-            per = None
+            per = perf = None
             if len(target):
                 steps, z = feature_z(target, others, features, self.feature_floor)
-                noise = feature_noise(self._null_z[(cut, False, tuple(features))], exclude=run)
-                per = self._evidence(steps, z, noise, features)
-            sig = self._signals(model, target, others_paths, per)
+                z_null = self._null_z[(cut, False, tuple(features), performance)]
+                per = self._evidence(steps, z, feature_noise(z_null, exclude=run), features)
+                if performance:
+                    perf = (
+                        *performance_z(target, others, list(performance), self.feature_start_),
+                        list(performance),
+                    )
+            sig = self._signals(model, target, others_paths, per, perf)
             rows.append(self._decide(run, sig, null, cut, len(target)))
         return _frame(rows)
 
@@ -836,6 +1048,8 @@ class RiskScorer(BaseEstimator):
             loo[run] = {"index": i, **model_meta(model)}
             if run in self.reference_z_:
                 arrays[f"z{i}.steps"], arrays[f"z{i}.z"] = self.reference_z_[run]
+            if run in self.reference_performance_:
+                arrays[f"q{i}.steps"], arrays[f"q{i}.z"] = self.reference_performance_[run]
             arrays[f"p{i}.state"] = self.reference_paths_[run]
         arrays["pfull.state"] = self.reference_paths_[None]
         meta = {
@@ -844,6 +1058,7 @@ class RiskScorer(BaseEstimator):
             "params": params,
             "features": self.features_,
             "degenerate_features": self.degenerate_features_,
+            "performance_features": self.performance_features_,
             "feature_start": {  # null: the runs never leave that eval's floor
                 f: (None if math.isinf(v) else v) for f, v in self.feature_start_.items()
             },
@@ -886,6 +1101,8 @@ class RiskScorer(BaseEstimator):
             arrays = {k: npz[k] for k in npz.files}
         scorer.loo_models_ = {}
         z_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        perf_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        performance = meta.get("performance_features", [])
         path_cache: dict[str | None, np.ndarray] = {}
         if "pfull.state" in arrays:
             path_cache[None] = arrays["pfull.state"]
@@ -901,9 +1118,13 @@ class RiskScorer(BaseEstimator):
                 z_cache[run] = (arrays[f"{z_key}steps"], z)
             if f"p{spec['index']}.state" in arrays:
                 path_cache[run] = arrays[f"p{spec['index']}.state"]
+            q = f"q{spec['index']}."
+            if f"{q}z" in arrays and arrays[f"{q}z"].shape[1:] == (len(performance),):
+                perf_cache[run] = (arrays[f"{q}steps"], arrays[f"{q}z"])
         scorer.phase_model_ = phase_model
         scorer.features_ = meta["features"]
         scorer.degenerate_features_ = meta["degenerate_features"]
+        scorer.performance_features_ = performance
         scorer.feature_start_ = {
             str(f): (math.inf if v is None else float(v))
             for f, v in (meta.get("feature_start") or {}).items()
@@ -919,6 +1140,9 @@ class RiskScorer(BaseEstimator):
         scorer.reference_z_ = z_cache if len(z_cache) == len(scorer.loo_models_) else {}
         if not scorer.reference_z_:
             scorer.reference_z_ = scorer._whole_run_z()
+        scorer.reference_performance_ = perf_cache
+        if len(perf_cache) != len(scorer.loo_models_):
+            scorer.reference_performance_ = scorer._whole_run_performance()
         rows = len(scorer.reference_)
         complete = len(path_cache) == len(scorer.loo_models_) + 1
         if complete and all(v.shape == (rows,) for v in path_cache.values()):
