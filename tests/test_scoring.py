@@ -53,7 +53,8 @@ def runs_table(n_runs=10, outliers=("run3", "run7"), d=6, seed=0, loss=False):
     table = pd.DataFrame(rows)
     if loss:
         noise = np.random.default_rng(seed + 1000)
-        offset = dict(zip(table["run"].unique(), noise.normal(scale=0.01, size=n_runs)))
+        runs = table["run"].unique()
+        offset = dict(zip(runs, noise.normal(scale=0.01, size=len(runs)), strict=True))
         curve = 3.5 + 7.3 * (1.0 + table["step"].to_numpy(float)) ** -0.35
         table["evals_native.loss"] = (
             curve + table["run"].map(offset) + noise.normal(scale=0.005, size=len(table))
