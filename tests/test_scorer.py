@@ -4,6 +4,7 @@ loaded without refitting, and treating broken checkpoints as evidence."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -176,6 +177,24 @@ def test_persistent_performance_gap_flags_where_the_deviation_cannot():
     blind = RiskScorer(phase_model=PhaseModel(n_states=1, restarts=1), performance="none")
     scores = blind.fit(worse).score_reference(horizon=0.25).set_index("run")
     assert not scores["flagged"].any() and scores["performance"].isna().all()
+
+
+def test_phase_warnings_reported_once(caplog):
+    """Every leave-one-run-out model drops the same constant column; the user reads it
+    once, with the count, whether the fits run here or in worker processes."""
+    table = runs_table(outliers=(), seed=3)
+    table["syn.flat"] = 1.0
+    for jobs in (1, 2):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            RiskScorer(phase_model=PhaseModel(n_states=2, restarts=1), n_jobs=jobs).fit(table)
+        said = [r.getMessage() for r in caplog.records if "syn.flat" in r.getMessage()]
+        assert len(said) == 1 and "constant" in said[0] and "(x11:" in said[0], said
+    assert logging.getLogger("polymap.phases").propagate  # restored after the call
+    with caplog.at_level(logging.WARNING):  # a phase model alone still says it
+        caplog.clear()
+        PhaseModel(n_states=2, restarts=1).fit(table)
+    assert sum("syn.flat" in r.getMessage() for r in caplog.records) == 1
 
 
 @pytest.mark.slow

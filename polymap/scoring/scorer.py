@@ -74,10 +74,13 @@ From a checkpoint's features to a flag, top to bottom:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import warnings
+from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -231,6 +234,75 @@ def lasting_mean(values: np.ndarray, min_length: int = 3) -> float:
         return float(values.mean()) if len(values) else math.nan
     suffix = np.cumsum(values[::-1])[::-1] / np.arange(len(values), 0, -1)
     return float(suffix[: len(values) - min_length + 1].max())
+
+
+class _Collector(logging.Handler):
+    """Collects the phase model's warnings into the innermost open list (see
+    :func:`_phase_warnings`) instead of printing them."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.stack: list[list[str]] = []
+        self.propagate = True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stack[-1].append(record.getMessage())
+
+
+_COLLECTOR = _Collector()
+PHASE_LOGGER = "polymap.phases"
+
+
+@contextmanager
+def _phase_warnings():
+    """The warnings of ``polymap.phases`` (a feature dropped as constant, rows with missing
+    values...) inside the block, collected rather than printed: every leave-one-run-out
+    model of a scorer repeats the same ones."""
+    logger = logging.getLogger(PHASE_LOGGER)
+    if not _COLLECTOR.stack:
+        _COLLECTOR.propagate, logger.propagate = logger.propagate, False
+        logger.addHandler(_COLLECTOR)
+    caught: list[str] = []
+    _COLLECTOR.stack.append(caught)
+    try:
+        yield caught
+    finally:
+        _COLLECTOR.stack.pop()
+        if not _COLLECTOR.stack:
+            logger.removeHandler(_COLLECTOR)
+            logger.propagate = _COLLECTOR.propagate
+
+
+def _pass_on(messages: list[str]) -> None:
+    """Messages collected elsewhere (a worker process): into the open collection, or
+    logged once each when there is none."""
+    if _COLLECTOR.stack:
+        _COLLECTOR.stack[-1].extend(messages)
+    else:
+        _log_once(messages)
+
+
+def _log_once(messages: list[str]) -> None:
+    for message, count in Counter(messages).items():
+        suffix = f" (x{count}: once per phase model fitted or applied)" if count > 1 else ""
+        log.warning("%s%s", message, suffix)
+
+
+def _warn_once(method):
+    """Log each distinct phase-model warning of ``method`` once, with its count."""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        with _phase_warnings() as caught:
+            try:
+                return method(*args, **kwargs)
+            finally:
+                if len(_COLLECTOR.stack) == 1:  # the outermost call reports
+                    _log_once(caught)
+                else:
+                    _COLLECTOR.stack[-2].extend(caught)
+
+    return wrapper
 
 
 def _degenerate(reference: pd.DataFrame, features: list[str]) -> list[str]:
@@ -636,6 +708,7 @@ class RiskScorer(BaseEstimator):
         if not 0 <= self.feature_floor < 1:
             raise ScoringError(f"feature_floor={self.feature_floor} must be in [0, 1)")
 
+    @_warn_once
     def fit(self, reference: pd.DataFrame | str | Path) -> RiskScorer:
         """Fit on a reference FeatureTable (DataFrame or Parquet path); returns self."""
 
@@ -744,7 +817,9 @@ class RiskScorer(BaseEstimator):
         fitted = Parallel(n_jobs=self.n_jobs)(
             delayed(_fit_without)(template, reference, run) for run in bar
         )
-        return dict(zip(runs, fitted, strict=True))
+        for _, messages in fitted:
+            _pass_on(messages)
+        return dict(zip(runs, (model for model, _ in fitted), strict=True))
 
     # -- signals -------------------------------------------------------------------------
     def _check_fitted(self) -> None:
@@ -943,6 +1018,7 @@ class RiskScorer(BaseEstimator):
         )
         return row
 
+    @_warn_once
     def score_reference(
         self, horizon: float | None = None, until_step: int | None = None
     ) -> pd.DataFrame:
@@ -962,6 +1038,7 @@ class RiskScorer(BaseEstimator):
                 rows.append(self._decide(run, null[run], null, cut, n))
         return _frame(rows)
 
+    @_warn_once
     def score(
         self,
         targets: pd.DataFrame | str | Path,
@@ -1152,15 +1229,21 @@ class RiskScorer(BaseEstimator):
         return scorer
 
 
-def _fit_without(template: PhaseModel, reference: pd.DataFrame, run: str) -> PhaseModel:
+def _fit_without(
+    template: PhaseModel, reference: pd.DataFrame, run: str
+) -> tuple[PhaseModel, list[str]]:
+    """A clone of ``template`` fitted without ``run`` (fewer states when a short horizon
+    does not support K), and the phase model's warnings it raised (in a worker process
+    too), which the caller logs once."""
     part = reference[reference["run"] != run]
     k = template.n_states
-    for states in range(k, 0, -1):  # a short horizon may not support K states
-        try:
-            return clone(template).set_params(n_states=states).fit(part)
-        except PhaseInputError:
-            if states == 1:
-                raise
+    with _phase_warnings() as caught:
+        for states in range(k, 0, -1):  # a short horizon may not support K states
+            try:
+                return clone(template).set_params(n_states=states).fit(part), caught
+            except PhaseInputError:
+                if states == 1:
+                    raise
     raise AssertionError("unreachable")
 
 
