@@ -7,7 +7,7 @@
   to the best K with one standard error (the rule), BIC; the chosen K and why;
 - ``features``: the features that best separate the states (largest between-state
   variance ratio in scaled units), per run over steps, points coloured by state;
-- ``risk``: runs ranked by risk with their three signal z-scores, labels marked;
+- ``risk``: runs ranked by evidence with their signal z-scores, labels marked;
 - ``fingerprint``: :func:`plot_fingerprint` - each state's mean per distinguishing
   feature (a heat map).
 
