@@ -135,8 +135,19 @@ def test_report_renders_in_headless_chromium(exported):
             "Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight])"
         )
         title = page.title()
+        # a wide score table scrolls inside the page, not past its right edge, and the
+        # long explanation is its last column
+        page.set_viewport_size({"width": 1000, "height": 800})
+        overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+        last = page.evaluate(
+            "Array.from(document.querySelectorAll('table'))"
+            ".map(t => Array.from(t.querySelectorAll('th')).map(h => h.textContent))"
+        )
         browser.close()
     assert title == "polymap report"
+    assert overflow <= 0, overflow
+    scores = [head for head in last if "risk" in head]
+    assert scores and scores[0][-1] == "explanation", scores
     assert not [m for m in messages if m[0] in ("error", "pageerror", "warning")], messages
     assert len(images) == 5 and all(ok and w > 100 and h > 100 for ok, w, h in images)
     assert all(url.startswith(("file:", "data:")) for url in requests), requests

@@ -21,6 +21,7 @@ img{max-width:100%;height:auto;border:1px solid #eee}
 pre{background:#f6f6f6;padding:1em;overflow-x:auto;font-size:.8em}
 table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #ddd;padding:.25em .5em}
 th{background:#f3f3f3}.flagged{background:#fde2e2}.note{color:#555;font-size:.9em}
+.wide{overflow-x:auto;max-width:100%}.long{min-width:26em}
 """
 
 SECTIONS = (
@@ -43,14 +44,18 @@ def _table(frame: pd.DataFrame, flagged: set[str] | None = None) -> str:
     for _, rec in frame.iterrows():
         cls = ' class="flagged"' if flagged and rec.get("run") in flagged else ""
         cells = []
-        for value in rec:
+        for column, value in rec.items():
             if isinstance(value, float):
                 text = "" if pd.isna(value) else f"{value:.4g}"
             else:
                 text = "" if value is None or value is pd.NA else str(value)
-            cells.append(f"<td>{html.escape(text)}</td>")
+            long = ' class="long"' if column == "explanation" else ""
+            cells.append(f"<td{long}>{html.escape(text)}</td>")
         rows.append(f"<tr{cls}>{''.join(cells)}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    body = "".join(rows)
+    # a wide table scrolls inside the page instead of running off its right edge
+    table = f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f'<div class="wide">{table}</div>'
 
 
 def write_report(inputs: ExportInputs, folder: Path, path: Path) -> Path:
@@ -84,6 +89,8 @@ def write_report(inputs: ExportInputs, folder: Path, path: Path) -> Path:
                 ["onset_step"] if "onset_step" in inputs.labels.columns else []
             )]  # fmt: skip
             scores = scores.merge(labels, on="run", how="left")
+        if "explanation" in scores.columns:  # the long text last, the labels before it
+            scores = scores[[c for c in scores.columns if c != "explanation"] + ["explanation"]]
         parts += ["<h2>Scores</h2>", _table(scores, inputs.flagged)]
     if inputs.backtest is not None:
         parts += ["<h2>Backtest</h2>", _table(inputs.backtest)]
