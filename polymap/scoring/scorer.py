@@ -78,6 +78,7 @@ import functools
 import json
 import logging
 import math
+import threading
 import warnings
 from collections import Counter
 from contextlib import contextmanager
@@ -237,16 +238,29 @@ def lasting_mean(values: np.ndarray, min_length: int = 3) -> float:
 
 
 class _Collector(logging.Handler):
-    """Collects the phase model's warnings into the innermost open list (see
-    :func:`_phase_warnings`) instead of printing them."""
+    """While a scorer call runs (:func:`_phase_warnings`), the handler of the
+    ``polymap.phases`` logger: a warning goes into the calling thread's innermost open
+    list instead of being printed; anything else (another thread's records, lower levels)
+    goes on up the logger tree as usual."""
 
     def __init__(self):
-        super().__init__(logging.WARNING)
-        self.stack: list[list[str]] = []
+        super().__init__(logging.NOTSET)
+        self.local = threading.local()
+        self.lock = threading.Lock()
+        self.active = 0
         self.propagate = True
 
+    @property
+    def stack(self) -> list[list[str]]:
+        if not hasattr(self.local, "stack"):
+            self.local.stack = []
+        return self.local.stack
+
     def emit(self, record: logging.LogRecord) -> None:
-        self.stack[-1].append(record.getMessage())
+        if record.levelno >= logging.WARNING and self.stack:
+            self.stack[-1].append(record.getMessage())
+        else:
+            logging.getLogger(PHASE_LOGGER).parent.handle(record)
 
 
 _COLLECTOR = _Collector()
@@ -256,21 +270,25 @@ PHASE_LOGGER = "polymap.phases"
 @contextmanager
 def _phase_warnings():
     """The warnings of ``polymap.phases`` (a feature dropped as constant, rows with missing
-    values...) inside the block, collected rather than printed: every leave-one-run-out
-    model of a scorer repeats the same ones."""
+    values...) raised by this thread inside the block, collected rather than printed:
+    every leave-one-run-out model of a scorer repeats the same ones."""
     logger = logging.getLogger(PHASE_LOGGER)
-    if not _COLLECTOR.stack:
-        _COLLECTOR.propagate, logger.propagate = logger.propagate, False
-        logger.addHandler(_COLLECTOR)
+    with _COLLECTOR.lock:
+        if not _COLLECTOR.active:
+            _COLLECTOR.propagate, logger.propagate = logger.propagate, False
+            logger.addHandler(_COLLECTOR)
+        _COLLECTOR.active += 1
     caught: list[str] = []
     _COLLECTOR.stack.append(caught)
     try:
         yield caught
     finally:
         _COLLECTOR.stack.pop()
-        if not _COLLECTOR.stack:
-            logger.removeHandler(_COLLECTOR)
-            logger.propagate = _COLLECTOR.propagate
+        with _COLLECTOR.lock:
+            _COLLECTOR.active -= 1
+            if not _COLLECTOR.active:
+                logger.removeHandler(_COLLECTOR)
+                logger.propagate = _COLLECTOR.propagate
 
 
 def _pass_on(messages: list[str]) -> None:
