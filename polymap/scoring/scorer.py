@@ -883,7 +883,8 @@ class RiskScorer(BaseEstimator):
         steps, z, features = perf
         series = persistent(np.clip(z.mean(axis=1), -self.z_clip, self.z_clip), self.persistence)
         worst = int(np.argmax(series))
-        top = ", ".join(f"{f} z={z[worst, j]:+.1f}" for j, f in enumerate(features[:3]))
+        order = np.argsort(-z[worst], kind="stable")[:3]  # the three worst columns there
+        top = ", ".join(f"{features[j]} z={z[worst, j]:+.1f}" for j in order)
         return {
             "performance": lasting_mean(series),
             "_perf": pd.DataFrame({"step": np.asarray(steps), "value": series}),
