@@ -788,36 +788,36 @@ class RiskScorer(BaseEstimator):
         rows = self.reference_.loc[keep, ["run", "step"]].reset_index(drop=True)
         return rows.assign(state=states[keep].astype(int))
 
-    def _whole_run_z(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Each reference run's feature |z| against the other *whole* runs, at all its
-        checkpoints: what scoring new runs compares with. It does not depend on the
-        horizon (a cut keeps the rows up to it) and each column is computed on its own
-        (a subset of columns is a slice), so it is computed once and saved."""
+    def _against_whole_runs(self, compute) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """``compute(target, others) -> (steps, z)`` for each reference run against the
+        other *whole* runs, at all its checkpoints: what scoring new runs compares with.
+        Per column and per checkpoint, so a horizon (the rows up to it) and a subset of
+        columns are slices (:func:`_cut`): computed once and saved."""
         reference = self.reference_
         out = {}
         for run in self.loo_models_:
             target = reference[reference["run"] == run]
             others = reference[reference["run"] != run]
-            steps, z = feature_z(target, others, self.features_, self.feature_floor)
+            steps, z = compute(target, others)
             out[run] = (np.asarray(steps, dtype=np.int64), z.astype(np.float32))
         return out
 
+    def _whole_run_z(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Each reference run's deviation |z| (:func:`feature_z`), whole runs."""
+        return self._against_whole_runs(
+            lambda target, others: feature_z(target, others, self.features_, self.feature_floor)
+        )
+
     def _whole_run_performance(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Each reference run's performance z against the other whole runs, at all its
-        checkpoints (per column and per checkpoint, so a horizon and a subset of columns
-        are slices, as for :meth:`_whole_run_z`); empty without performance columns."""
+        """Each reference run's performance z (:func:`performance_z`), whole runs; empty
+        without performance columns."""
         if not self.performance_features_:
             return {}
-        reference = self.reference_
-        out = {}
-        for run in self.loo_models_:
-            target = reference[reference["run"] == run]
-            others = reference[reference["run"] != run]
-            steps, z = performance_z(
+        return self._against_whole_runs(
+            lambda target, others: performance_z(
                 target, others, self.performance_features_, self.feature_start_
             )
-            out[run] = (np.asarray(steps, dtype=np.int64), z.astype(np.float32))
-        return out
+        )
 
     def _template(self) -> PhaseModel:
         return clone(self.phase_model_).set_params(
@@ -922,9 +922,7 @@ class RiskScorer(BaseEstimator):
         columns = [self.features_.index(f) for f in features]
         for run in models:
             if not strict and run in self.reference_z_:  # cut and sliced, not recomputed
-                steps, z = self.reference_z_[run]
-                keep = steps <= cut
-                zs[run] = (steps[keep], z[keep][:, columns].astype(float)) if keep.any() else None
+                zs[run] = _cut(self.reference_z_[run], cut, columns)
                 continue
             others = reference[reference["run"] != run]
             target = reference[(reference["run"] == run) & (reference["step"] <= cut)]
@@ -945,10 +943,9 @@ class RiskScorer(BaseEstimator):
                 per = self._evidence(*zs[run], feature_noise(z_only, exclude=run), features)
             if performance and len(target):
                 if not strict and run in self.reference_performance_:  # cut and sliced
-                    steps, z = self.reference_performance_[run]
-                    keep = steps <= cut
                     own = [self.performance_features_.index(f) for f in performance]
-                    perf = (steps[keep], z[keep][:, own].astype(float), performance)
+                    sliced = _cut(self.reference_performance_[run], cut, own)
+                    perf = (*sliced, performance) if sliced else None
                 else:
                     perf = (
                         *performance_z(target, others, performance, self.feature_start_),
@@ -1264,6 +1261,14 @@ def _fit_without(
                 if states == 1:
                     raise
     raise AssertionError("unreachable")
+
+
+def _cut(saved: tuple[np.ndarray, np.ndarray], cut: int, columns: list[int]):
+    """A saved whole-run ``(steps, z)`` cut at ``cut`` and sliced to ``columns`` (None
+    when no checkpoint is left)."""
+    steps, z = saved
+    keep = steps <= cut
+    return (steps[keep], z[keep][:, columns].astype(float)) if keep.any() else None
 
 
 def _states_by_row(reference: pd.DataFrame, paths: pd.DataFrame) -> np.ndarray:
