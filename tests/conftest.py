@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -10,6 +11,31 @@ from transformers.utils import logging as hf_logging
 
 from polymap.suite import build
 from polymap.synthetic import ARCHS, make_tiny_run
+
+# The real published data beside the checkout (../shared/data, see its README), resolved
+# from this file, not from the working directory; POLYMAP_SHARED_DATA points elsewhere
+# (CI points it nowhere once to check that every data test skips rather than fails).
+SHARED_DATA = Path(
+    os.environ.get("POLYMAP_SHARED_DATA", Path(__file__).resolve().parents[1] / "../shared/data")
+).resolve()
+PYTHIA_EVALS = SHARED_DATA / "pythia-evals" / "pythia-v1"
+
+
+@pytest.fixture
+def pythia_evals() -> Path:
+    """The published Pythia lm-eval results (../shared/data); the test skips without them."""
+    if not PYTHIA_EVALS.is_dir():
+        pytest.skip(f"{PYTHIA_EVALS} not present (../shared/data is only in this workspace)")
+    return PYTHIA_EVALS
+
+
+def pytest_collection_modifyitems(config, items):
+    # `-m shared_data` selects every test that reads ../shared/data (.ci/run runs them
+    # once more with the data absent and checks that they skip)
+    for item in items:
+        if "pythia_evals" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.shared_data)
+
 
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()

@@ -21,9 +21,6 @@ from polymap.evals.harness import HarnessError, run_harness
 from polymap.evals.tasks import DEFAULT_TASK, write_last_word_task
 from polymap.table import TableError, merge_tables, read_table
 
-PYTHIA = Path("../shared/data/pythia-evals/pythia-v1")
-needs_pythia = pytest.mark.skipif(not PYTHIA.is_dir(), reason="../shared/data not present")
-
 
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):
@@ -34,9 +31,8 @@ def _offline(monkeypatch):
 # --- 0.3 format: the published Pythia evaluations -------------------------------------
 
 
-@needs_pythia
-def test_pythia_ingest_all_runs_and_published_values():
-    table, report = ingest(PYTHIA)
+def test_pythia_ingest_all_runs_and_published_values(pythia_evals):
+    table, report = ingest(pythia_evals)
     assert report.ok and not report.duplicates and report.files == 16 * 27 + 2 * 15
     assert table["run"].nunique() == 16 and len(table) == 16 * 27
     assert set(table.groupby("run").size()) == {27}
@@ -49,15 +45,19 @@ def test_pythia_ingest_all_runs_and_published_values():
         ("pythia-12b-deduped", "12b-deduped", 512, "arc_challenge", "acc_norm"),
         ("pythia-410m", "410m", 0, "crows_pairs_english_age", "pct_stereotype"),
     ]:
-        raw = json.loads((PYTHIA / run / "zero-shot" / f"{short}_step{step}.json").read_text())
+        raw = json.loads(
+            (pythia_evals / run / "zero-shot" / f"{short}_step{step}.json").read_text()
+        )
         row = table[(table["run"] == run) & (table["step"] == step)].iloc[0]
         assert row[f"eval.{task}.{metric}"] == raw["results"][task][metric]
     # five-shot results keep their setting; zero-shot files of 1b-bf16 named "5shot" do not
-    raw = json.loads((PYTHIA / "pythia-160m/five-shot/160m-5shot_step13000.json").read_text())
+    raw = json.loads((pythia_evals / "pythia-160m/five-shot/160m-5shot_step13000.json").read_text())
     row = table[(table["run"] == "pythia-160m") & (table["step"] == 13000)].iloc[0]
     assert row["eval.5shot.wsc.acc"] == raw["results"]["wsc"]["acc"]
     assert row["eval.wsc.acc"] != row["eval.5shot.wsc.acc"]
-    raw = json.loads((PYTHIA / "pythia-1b-bf16/zero-shot/1b-bf16-5shot_step128.json").read_text())
+    raw = json.loads(
+        (pythia_evals / "pythia-1b-bf16/zero-shot/1b-bf16-5shot_step128.json").read_text()
+    )
     row = table[(table["run"] == "pythia-1b-bf16") & (table["step"] == 128)].iloc[0]
     assert raw["config"]["num_fewshot"] == 0
     assert row["eval.piqa.acc"] == raw["results"]["piqa"]["acc"]
@@ -65,20 +65,18 @@ def test_pythia_ingest_all_runs_and_published_values():
     assert not any(c.endswith("_stderr") for c in table.columns)
 
 
-@needs_pythia
-def test_pythia_known_real_world_shape():
+def test_pythia_known_real_world_shape(pythia_evals):
     """lambada_openai of pythia-70m peaks around steps 23k-53k, then declines; tasks sit
     near chance before step 1000."""
-    table, _ = ingest(PYTHIA / "pythia-70m")
+    table, _ = ingest(pythia_evals / "pythia-70m")
     acc = table.set_index("step")["eval.lambada_openai.acc"]
     assert 23000 <= acc.idxmax() <= 53000 and acc[143000] < acc.max()
     assert table.loc[table["step"] < 1000, "eval.piqa.acc"].between(0.45, 0.6).all()
 
 
-@needs_pythia
-def test_cli_ingest_pythia(tmp_path, capsys):
+def test_cli_ingest_pythia(pythia_evals, tmp_path, capsys):
     out = tmp_path / "e.parquet"
-    assert main(["evals", "ingest", str(PYTHIA), "--out", str(out), "--stderr"]) == 0
+    assert main(["evals", "ingest", str(pythia_evals), "--out", str(out), "--stderr"]) == 0
     table = pd.read_parquet(out)
     assert table["run"].nunique() == 16 and len(table) == 432
     assert "eval.wsc.acc_stderr" in table.columns
@@ -355,12 +353,11 @@ def test_merge_weight_features_with_evals(lm_eval_out):
         merge_tables([evals, evals])
 
 
-@needs_pythia
-def test_phase_model_and_scorer_on_eval_only_table():
+def test_phase_model_and_scorer_on_eval_only_table(pythia_evals):
     from polymap.phases import PhaseModel
     from polymap.scoring import RiskScorer
 
-    table, _ = ingest(PYTHIA)
+    table, _ = ingest(pythia_evals)
     columns = ["eval.lambada_openai.acc", "eval.piqa.acc", "eval.arc_easy.acc", "eval.sciq.acc"]
     model = PhaseModel(n_states=3, features=columns, random_state=0, restarts=2).fit(table)
     paths = model.predict(table)
@@ -375,13 +372,12 @@ def test_phase_model_and_scorer_on_eval_only_table():
 
 
 @pytest.mark.slow
-@needs_pythia
-def test_pythia_eval_phases_example(tmp_path, capsys):
+def test_pythia_eval_phases_example(pythia_evals, tmp_path, capsys):
     """The documented example runs and finds the size split it describes."""
     import runpy
 
     example = runpy.run_path(str(Path(__file__).parent.parent / "examples/pythia_eval_phases.py"))
-    example["main"]([str(PYTHIA), "--out", str(tmp_path)])
+    example["main"]([str(pythia_evals), "--out", str(tmp_path)])
     text = capsys.readouterr().out
     assert "462 files -> 432 checkpoints of 16 runs" in text and "risk from checkpoints" in text
     paths = pd.read_csv(tmp_path / "model" / "paths.csv")

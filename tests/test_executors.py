@@ -130,6 +130,12 @@ def test_unreachable_ray_address_is_a_clear_error():
 # --- resumable sweeps -------------------------------------------------------------------
 
 
+def _finished_parts(parts) -> list:
+    """Part files a sweep has finished: not the hidden ``.NAME.tmp.parquet`` of
+    :func:`polymap.atomic.atomic_file` still being written."""
+    return [p for p in parts.glob("*.parquet") if not p.name.startswith(".")]
+
+
 def test_sweep_killed_mid_way_resumes_without_loss_or_duplicates(small_suite, reference, tmp_path):
     out = tmp_path / "killed.parquet"
     parts = tmp_path / "killed.parquet.parts"
@@ -138,7 +144,7 @@ def test_sweep_killed_mid_way_resumes_without_loss_or_duplicates(small_suite, re
     proc = subprocess.Popen(cmd, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if parts.is_dir() and len(list(parts.glob("*.parquet"))) >= 5:
+        if parts.is_dir() and len(_finished_parts(parts)) >= 5:
             break
         time.sleep(0.05)
     assert proc.poll() is None, "the sweep finished before it could be killed"

@@ -4,7 +4,6 @@ bad input clearly."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -214,7 +213,6 @@ def test_far_outlier_run_does_not_break_fitting(planted):
 
 
 # -- eval trajectories: states within the measurement noise --------------------------------
-PYTHIA = Path("../shared/data/pythia-evals/pythia-v1")
 CORE = ("arc_easy", "arc_challenge", "lambada_openai", "logiqa", "piqa", "sciq", "winogrande",
         "wsc")  # fmt: skip
 
@@ -270,11 +268,10 @@ def test_state_separation_matches_a_direct_computation():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not PYTHIA.is_dir(), reason="../shared/data not present")
-def test_pythia_evals_start_in_one_state_and_leave_where_tasks_move(tmp_path, capsys):
+def test_pythia_evals_start_in_one_state_and_leave_where_tasks_move(pythia_evals, tmp_path, capsys):
     from polymap.evals import ingest
 
-    table, _ = ingest(PYTHIA, stderr=True)
+    table, _ = ingest(pythia_evals, stderr=True)
     columns = [f"eval.{t}.acc" for t in CORE]
     model = fit_model_dir(table, tmp_path / "m", features=columns, random_state=0)[""]
     leave = _first_leave(model.predict(table))

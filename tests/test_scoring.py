@@ -435,24 +435,19 @@ def test_backtest_group_by(table, tmp_path):
     assert set(scores.loc[scores["flagged"], "run"]) == {"run3", "run7"}
 
 
-PYTHIA = __import__("pathlib").Path("../shared/data/pythia-evals/pythia-v1")
-
-
-@pytest.mark.skipif(not PYTHIA.is_dir(), reason="../shared/data not present")
-def test_pythia_core_task_labels_by_size_mark_no_run():
+def test_pythia_core_task_labels_by_size_mark_no_run(pythia_evals):
     from polymap.evals import ingest
 
-    table, _ = ingest(PYTHIA, stderr=True)
+    table, _ = ingest(pythia_evals, stderr=True)
     table = table.assign(size=table["run"].str.extract(r"pythia-([\d.]+[mb])", expand=False))
     for task in ("arc_easy", "lambada_openai", "piqa", "sciq", "winogrande", "wsc"):
         labels = label_runs(table, f"eval.{task}.acc", group_by="size")
         assert not labels["unstable"].any(), task
 
 
-@pytest.mark.skipif(not PYTHIA.is_dir(), reason="../shared/data not present")
-def test_pythia_label_cli_group_by_model(tmp_path):
+def test_pythia_label_cli_group_by_model(pythia_evals, tmp_path):
     evals = tmp_path / "evals.parquet"
-    assert main(["evals", "ingest", str(PYTHIA), "--stderr", "--out", str(evals)]) == 0
+    assert main(["evals", "ingest", str(pythia_evals), "--stderr", "--out", str(evals)]) == 0
     out = tmp_path / "labels.csv"
     assert main(["label", str(evals), "--metric", "eval.arc_easy.acc", "--group-by", "model",
                  "--out", str(out)]) == 0  # fmt: skip
