@@ -93,6 +93,7 @@ from polymap.phases.io import jsonable
 from polymap.phases.model import PhaseModel
 from polymap.phases.preprocess import UNCERTAINTY_SUFFIX, PhaseInputError, usable_rows
 from polymap.robust import MAD_SCALE, median_mad
+from polymap.scoring.calibration import AnyLookCalibration, evidence_curves
 from polymap.scoring.score import ScoringError, horizon_step, path_disagreement
 from polymap.table import as_table, feature_columns
 
@@ -639,6 +640,22 @@ def _first_flag_step(sig: dict, null: dict, run: str, alpha: float, signal: str)
     return None
 
 
+def _threshold(calibration: AnyLookCalibration, exclude: str | None, alpha: float) -> float:
+    """The smallest ``W`` whose p-value is ``<= alpha`` (bisection on the monotone tail)."""
+    pool = calibration.pool(exclude)
+    if len(pool) < 2:
+        return math.inf
+    lo, hi = float(np.min(pool)) - 1.0, float(np.max(pool)) + 1.0
+    while calibration.p_value(hi, exclude) > alpha:
+        hi = hi + 2 * (hi - lo)
+        if hi > 1e9:
+            return math.inf
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if calibration.p_value(mid, exclude) <= alpha else (mid, hi)
+    return hi
+
+
 class RiskScorer(BaseEstimator):
     """Calibrated early-warning scores of runs against reference runs.
 
@@ -764,9 +781,97 @@ class RiskScorer(BaseEstimator):
         self.reference_z_ = self._whole_run_z()
         self.reference_performance_ = self._whole_run_performance()
         self.reference_paths_ = self._whole_run_paths()
+        self.calibration_ = self._fit_calibration()
+        log.info("%s", self.calibration_.summary())
         self._null_cache: dict = {}
         self._null_z: dict = {}
         return self
+
+    # -- the calibrated decision (polymap.scoring.calibration) ----------------------------
+    def _fit_calibration(self) -> AnyLookCalibration:
+        """Each reference run's evidence curves against the other whole runs (from the
+        saved ``reference_z_`` and ``reference_performance_``): the reference side of the
+        flag."""
+        curves = {}
+        for run in self.loo_models_:
+            if run not in self.reference_z_:
+                continue
+            steps, z = self.reference_z_[run]
+            perf = self.reference_performance_.get(run)
+            curves[run] = self._curves(steps, z, perf, self.features_)
+        return AnyLookCalibration(alpha=self.alpha).fit(curves, self.evidence_columns_)
+
+    @property
+    def evidence_columns_(self) -> list[str]:
+        """The calibrated decision's columns: the deviation's, then each performance
+        column's "worse" side."""
+        return list(self.features_) + [f"{f} (worse)" for f in self.performance_features_]
+
+    def _curves(self, steps, z, perf, features: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``(steps, L)`` of :func:`evidence_curves` from a run's deviation ``|z|`` (columns
+        ``features``) and its performance ``(steps, z)`` (columns
+        ``performance_features_``; 0 where it has no such checkpoint); an eval score
+        counts from the step the reference leaves its floor."""
+        steps = np.asarray(steps, dtype=np.int64)
+        z = np.asarray(z, dtype=float).copy()
+        for j, f in enumerate(features):
+            if f in self.feature_start_:
+                z[steps < self.feature_start_[f], j] = 0.0
+        worse = np.zeros((len(steps), len(self.performance_features_)))
+        if perf is not None and len(perf[0]) and len(self.performance_features_):
+            at = {int(t): i for i, t in enumerate(np.asarray(perf[0]))}
+            for i, t in enumerate(steps):
+                if int(t) in at:
+                    worse[i] = perf[1][at[int(t)]]
+        return evidence_curves(steps, z, worse, self.z_clip, self.persistence)
+
+    def _calibration(self, features: list[str]) -> AnyLookCalibration:
+        """The calibration for the deviation columns ``features`` (all performance
+        columns) at the current ``alpha``, cached."""
+        key = (tuple(features), self.alpha)
+        cache = self.__dict__.setdefault("_calibrations", {})
+        if key not in cache:
+            calibration = self.calibration_
+            if list(features) != list(self.features_):
+                columns = [self.features_.index(f) for f in features]
+                columns += [len(self.features_) + j for j in range(len(self.performance_features_))]
+                calibration = calibration.restricted(columns)
+            cache[key] = calibration.at_alpha(self.alpha)
+        return cache[key]
+
+    def _calibrated(self, run: str, dev, perf, features: list[str], exclude: str | None) -> dict:
+        """The calibrated decision for one run from its deviation ``(steps, |z|)`` and
+        performance ``(steps, z)`` up to the cut: ``W`` at its last checkpoint, its p-value
+        (any look), the first step at which it was flagged, and what drove it."""
+        calibration = self._calibration(features)
+        if dev is None or not len(dev[0]):
+            return {}
+        steps, L = self._curves(dev[0], dev[1], perf, features)
+        W, V, u = calibration.looks(steps, L, exclude=exclude)
+        if not len(W) or not np.isfinite(W).any():
+            return {}
+        pool = calibration.pool(exclude)
+        last = float(W[-1])
+        p = calibration.p_value(last, exclude)
+        first = None
+        threshold = _threshold(calibration, exclude, self.alpha)
+        if p <= self.alpha:
+            crossed = np.flatnonzero(W >= threshold) if math.isfinite(threshold) else []
+            first = int(steps[crossed[0]]) if len(crossed) else int(steps[-1])
+        worst = int(np.nanargmax(np.where(np.isfinite(V), V, -np.inf)))
+        names = calibration.features_
+        order = np.argsort(-np.nan_to_num(u[worst], nan=-np.inf), kind="stable")[:3]
+        raw = np.expm1(L[worst])
+        top = ", ".join(f"{names[j]} z={raw[j]:.1f} (u={u[worst, j]:.1f})" for j in order)
+        median, mad = median_mad(pool) if len(pool) else (math.nan, math.nan)
+        return {
+            "W": last,
+            "z": (last - median) / max(mad, 1e-12) if math.isfinite(median) else 0.0,
+            "p": p,
+            "p_conformal": calibration.conformal(last, exclude),
+            "first": first,
+            "explanation": f"largest calibrated deviation at step {int(steps[worst])}: {top}",
+        }
 
     def _whole_run_paths(self) -> dict[str | None, np.ndarray]:
         """The Viterbi state of every reference row under each leave-one-run-out model
@@ -966,50 +1071,41 @@ class RiskScorer(BaseEstimator):
         return evidence_from_z(steps, z, features, self.z_clip, self.persistence, self.top_k, noise)
 
     # -- decisions -----------------------------------------------------------------------
-    def _decide(self, run: str, sig: dict, null: dict[str, dict], cut: int, n: int) -> dict:
+    def _decide(
+        self, run: str, sig: dict, null: dict[str, dict], cut: int, n: int, calibrated: dict
+    ) -> dict:
+        """One run's row: the reported signals (path, likelihood and performance each with
+        its own pointwise p-value, as before) and the decision, which is the calibrated
+        deviation's (``calibrated``, :meth:`_calibrated`): ``deviation`` is the run's
+        statistic W, ``p_deviation`` its any-look p-value, and ``p_value`` that p-value."""
         row = {"run": run}
-        tests = {}  # decision signal -> (p, smallest p it can reach)
         for name in SIGNALS:
             value = sig[name]
             pool = np.array([s[name] for r, s in null.items() if r != run], dtype=float)
             pool = pool[np.isfinite(pool)]
             row[name] = value
-            if not math.isfinite(value) or len(pool) < 2:
+            if name == "deviation" or not math.isfinite(value) or len(pool) < 2:
                 row[f"{name}_z"], row[f"p_{name}"] = 0.0, 1.0
                 continue
-            x, ref = (value, pool)
-            if name == "deviation":
-                x, ref = math.log(max(value, 1e-6)), np.log(np.maximum(pool, 1e-6))
-            z, p = _tail(x, ref, SIGNAL_FLOORS[name])
+            z, p = _tail(value, pool, SIGNAL_FLOORS[name])
             if name == "path":  # discrete, mostly 0: only its rank is honest
                 p = _conformal(value, pool)
             row[f"{name}_z"], row[f"p_{name}"] = z, p
-            if name in DECISION_SIGNALS:
-                tests[name] = (p, 1 / (len(pool) + 1) if name == "path" else 0.0)
-        p_value, counted = _tarone(tests, self.alpha)
-        dev_pool = np.array(
-            [s["deviation"] for r, s in null.items() if r != run and np.isfinite(s["deviation"])]
-        )
-        dev = sig["deviation"]
-        row["p_conformal"] = _conformal(dev, dev_pool) if math.isfinite(dev) else 1.0
-        # some checkpoint had reference runs at its step
-        comparable = "_per" in sig or "_perf" in sig
-        flagged = p_value <= self.alpha and n > 0 and comparable
-        first = None
-        explanation = sig["explanation"]
-        if flagged:
-            level = self.alpha / counted
-            deciding = [s for s, (p, _) in tests.items() if p * counted <= self.alpha]
-            firsts = [_first_flag_step(sig, null, run, level, s) for s in deciding]
-            first = min((f for f in firsts if f is not None), default=cut)
-            if "performance" in deciding and "performance_explanation" in sig:
-                explanation = f"{sig['performance_explanation']}; {explanation}"
-        smallest = min((p for p, _ in tests.values()), default=1.0)
+        decided = bool(calibrated) and n > 0
+        p_value = calibrated["p"] if decided else 1.0
         row.update(
-            risk=1.0 - smallest if n > 0 else 0.0,
+            deviation=calibrated["W"] if decided else math.nan,
+            deviation_z=calibrated["z"] if decided else 0.0,
+            p_deviation=p_value,
+            p_conformal=calibrated["p_conformal"] if decided else 1.0,
+        )
+        flagged = decided and p_value <= self.alpha
+        explanation = calibrated["explanation"] if decided else sig["explanation"]
+        row.update(
+            risk=1.0 - p_value,
             flagged=bool(flagged),
-            p_value=p_value if n > 0 else 1.0,
-            first_flag_step=first if flagged else None,
+            p_value=p_value,
+            first_flag_step=calibrated["first"] if flagged else None,
             horizon_step=cut,
             n_checkpoints=n,
             explanation=explanation,
@@ -1051,7 +1147,13 @@ class RiskScorer(BaseEstimator):
             if len(broken):
                 rows.append(self._broken_row(run, broken, cut, n + len(broken)))
             elif run in null:
-                rows.append(self._decide(run, null[run], null, cut, n))
+                dev = _cut(self.reference_z_[run], cut, list(range(len(self.features_))))
+                perf = None
+                if run in self.reference_performance_:
+                    columns = list(range(len(self.performance_features_)))
+                    perf = _cut(self.reference_performance_[run], cut, columns)
+                calibrated = self._calibrated(run, dev, perf, self.features_, exclude=run)
+                rows.append(self._decide(run, null[run], null, cut, n, calibrated))
         return _frame(rows)
 
     @_warn_once
@@ -1108,17 +1210,24 @@ class RiskScorer(BaseEstimator):
             others_paths = self._other_paths(key, cut)
             target = usable_rows(target) if len(target) else target
             per = perf = None
+            calibrated = {}
             if len(target):
                 steps, z = feature_z(target, others, features, self.feature_floor)
                 z_null = self._null_z[(cut, False, tuple(features), performance)]
                 per = self._evidence(steps, z, feature_noise(z_null, exclude=run), features)
+                worse = None
                 if performance:
-                    perf = (
-                        *performance_z(target, others, list(performance), self.feature_start_),
-                        list(performance),
+                    q_steps, q = performance_z(
+                        target, others, list(performance), self.feature_start_
                     )
+                    perf = (q_steps, q, list(performance))
+                    full = np.zeros((len(q_steps), len(self.performance_features_)))
+                    for j, f in enumerate(performance):
+                        full[:, self.performance_features_.index(f)] = q[:, j]
+                    worse = (q_steps, full)
+                calibrated = self._calibrated(run, (steps, z), worse, features, exclude=key)
             sig = self._signals(model, target, others_paths, per, perf)
-            rows.append(self._decide(run, sig, null, cut, len(target)))
+            rows.append(self._decide(run, sig, null, cut, len(target), calibrated))
         return _frame(rows)
 
     # -- persistence ---------------------------------------------------------------------
@@ -1145,6 +1254,7 @@ class RiskScorer(BaseEstimator):
                 arrays[f"q{i}.steps"], arrays[f"q{i}.z"] = self.reference_performance_[run]
             arrays[f"p{i}.state"] = self.reference_paths_[run]
         arrays["pfull.state"] = self.reference_paths_[None]
+        arrays.update(self.calibration_.to_arrays())
         meta = {
             "format": SCORER_FORMAT,
             "format_version": SCORER_VERSION,
@@ -1156,6 +1266,7 @@ class RiskScorer(BaseEstimator):
                 f: (None if math.isinf(v) else v) for f, v in self.feature_start_.items()
             },
             "loo_models": loo,
+            "calibration": self.calibration_.to_meta(),
         }
         with atomic_file(directory / "scorer.npz") as tmp:
             np.savez(tmp, **arrays)
@@ -1236,6 +1347,14 @@ class RiskScorer(BaseEstimator):
         scorer.reference_performance_ = perf_cache
         if len(perf_cache) != len(scorer.loo_models_):
             scorer.reference_performance_ = scorer._whole_run_performance()
+        scorer.calibration_ = None
+        if "calibration" in meta and "cal.curves" in arrays:
+            try:
+                scorer.calibration_ = AnyLookCalibration.from_saved(meta["calibration"], arrays)
+            except (KeyError, TypeError, ValueError) as err:
+                raise ScoringError(f"{directory / 'scorer.npz'}: calibration: {err}") from err
+        if scorer.calibration_ is None:  # saved before the calibrated decision: computed now
+            scorer.calibration_ = scorer._fit_calibration()
         rows = len(scorer.reference_)
         complete = len(path_cache) == len(scorer.loo_models_) + 1
         if complete and all(v.shape == (rows,) for v in path_cache.values()):

@@ -1,0 +1,364 @@
+"""Evidence calibrated feature by feature, and a flag whose false-alarm rate holds per
+run over every look.
+
+From a run's per-checkpoint z-scores to a p-value, top to bottom:
+
+1. **Evidence per feature** (:func:`evidence_curves`). Each column's persistent,
+   clipped evidence (|z| for the deviation, the signed "worse" z for a performance
+   column, 0 where it is better) is turned into its *running maximum* over the run's
+   checkpoints so far, on a ``log1p`` scale: ``L[t, f]``. A running maximum never
+   falls, so what a run has shown stays shown.
+2. **Calibrated per feature and step** (:meth:`AnyLookCalibration.looks`). ``L[t, f]``
+   is compared with the reference runs' own running maxima of *that* feature at the
+   same step (their value at their last checkpoint at or before ``t``):
+   ``u[t, f] = (L[t, f] - median_s L_s[t, f]) / scale_f``, ``scale_f`` the feature's
+   1.4826 MAD of those residuals pooled over the reference runs and steps (floored at
+   :data:`SCALE_FLOOR`). A feature whose healthy runs routinely reach |z| = 20 has a
+   large median and scale and weighs little; one whose healthy runs never pass 3 weighs
+   a lot.
+3. **Combined** as ``V[t] = max_f u[t, f]`` (one strong clean feature is enough;
+   hundreds of noisy ones cannot add up to a flag) and ``W[t] = max_{t' <= t} V[t']``:
+   the run's statistic after each look, non-decreasing.
+4. **One threshold for the whole life.** Each reference run's whole-life ``W`` is
+   computed the same way, leave-one-run-out (its curves against the other runs'). A run
+   is flagged at look ``t`` when ``p(W[t]) <= alpha`` with ``p`` the tail of the
+   reference runs' whole-life ``W``. Because ``W`` never falls and the threshold does not
+   move, "flagged at some look up to the end of its life" is the same event as
+   "flagged at its last look", so one test per run covers all of its looks: the
+   probability that a healthy run is flagged at *any* checkpoint at which it is scored
+   is the level of that one test, under the assumption that the new run is
+   exchangeable with the reference runs (trained by the same recipe, seeds differ) and
+   is checked no longer than the reference runs lasted. Backtest, ``score --until-step``,
+   the online monitor and the callback all read ``W`` at their last checkpoint, so they
+   give the same answer for the same checkpoints.
+5. **A tail that is checked** (:attr:`AnyLookCalibration.self_check_`). With ``n``
+   reference runs the distribution-free (conformal) p-value cannot go below
+   ``1 / (n + 1)`` - 0.1 with 9 runs - so the p-value is a Student-t tail on the
+   reference's ``W`` (robust median and MAD, ``0.37 (n - 1)`` degrees of freedom, the
+   predictive ``sqrt(1 + 1/n)``). At fit the rule is checked on the reference itself:
+   each reference run is scored leave-one-run-out against the others' ``W`` exactly as a
+   new run is; when more than ``alpha`` of them are flagged the tail's scale is widened
+   (x1.25, x1.5, x2, ...) until at most ``alpha`` are, and the realised rate, its SE and
+   the widening are saved and shown by ``polymap describe``.
+
+>>> rng = np.random.default_rng(0)
+>>> curves = {f"r{i}": (np.arange(10), np.abs(rng.normal(size=(10, 3)))) for i in range(12)}
+>>> cal = AnyLookCalibration(alpha=0.05).fit(
+...     {r: evidence_curves(s, z, np.zeros((10, 0)), 8.0, 3) for r, (s, z) in curves.items()},
+...     ["a", "b", "c"])
+>>> cal.self_check_["rate"] <= 0.05
+True
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+
+from polymap.robust import MAD_SCALE
+
+# a feature's pooled scale (log1p units) is at least this: a column whose reference
+# running maxima are all equal (all clipped at z_clip, all 0) is not infinitely precise
+SCALE_FLOOR = 0.1
+# the widening factors tried, in order, when the self-check realises more than alpha
+WIDENING = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
+# Tukey's far-out fence (Q3 + 3 IQR): reference runs beyond it are outliers the rule
+# should flag, not evidence about the healthy runs' tail, and are left out of the self-check
+FAR_OUT = 3.0
+# a step's location needs this many reference runs with a checkpoint at or before it
+MIN_RUNS_AT_STEP = 3
+
+
+def evidence_curves(
+    steps: np.ndarray,
+    deviation: np.ndarray,
+    performance: np.ndarray,
+    z_clip: float,
+    persistence: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A run's per-feature evidence curves ``(steps, L)``: ``L[t, f] = log1p`` of the
+    running maximum over checkpoints ``<= t`` of the persistent (minimum over the last
+    ``persistence`` checkpoints) evidence clipped to ``[0, z_clip]``; the deviation's
+    columns (|z|) first, then the performance's (signed, positive = worse).
+
+    >>> s, L = evidence_curves(np.array([1, 2, 3, 4]), np.array([[1.0], [5.0], [5.0], [0.0]]),
+    ...                        np.zeros((4, 0)), 8.0, 2)
+    >>> np.expm1(L[:, 0]).round(6).tolist()
+    [0.0, 1.0, 5.0, 5.0]
+    """
+    from polymap.scoring.scorer import persistent
+
+    evidence = np.hstack([np.abs(deviation), performance]) if performance.size else deviation
+    evidence = np.clip(np.nan_to_num(np.asarray(evidence, dtype=float)), 0.0, z_clip)
+    lasting = persistent(evidence, persistence)
+    if not len(lasting):
+        return np.asarray(steps, dtype=np.int64), lasting
+    return np.asarray(steps, dtype=np.int64), np.log1p(np.maximum.accumulate(lasting, axis=0))
+
+
+def _t_tail(x: float, pool: np.ndarray, widen: float = 1.0) -> float:
+    """``P(T > (x - median) / (widen x max(MAD, floor) x sqrt(1 + 1/n)))`` for Student's t
+    with ``0.37 (n - 1)`` degrees of freedom (at least 2): the predictive tail of one more
+    run, as :func:`polymap.scoring.scorer._tail`, with the spread widened."""
+    from polymap.scoring.scorer import _tail
+
+    if len(pool) < 2 or not math.isfinite(x):
+        return 1.0
+    z, _ = _tail(x, pool, SCALE_FLOOR)
+    from scipy.stats import t
+
+    df = max(2.0, 0.37 * (len(pool) - 1))
+    return float(t.sf(z / widen / math.sqrt(1 + 1 / len(pool)), df))
+
+
+class AnyLookCalibration:
+    """The reference side of the calibrated decision (see the module docs).
+
+    Attributes (after :meth:`fit`)
+    ------------------------------
+    grid_ : int array, the reference's checkpoint steps (sorted union)
+    own_ : bool array (runs x grid), where each reference run has a checkpoint
+    curves_ : float array (runs x grid x features), each reference run's ``L`` on the
+        grid (its value at its last checkpoint at or before each step; NaN before its first)
+    runs_ : list of str
+    whole_life_ : dict run -> its whole-life ``W``, leave-one-run-out
+    widen_ : float, the tail's widening after the self-check (1: none)
+    self_check_ : dict with ``n``, ``flagged``, ``rate``, ``se``, ``alpha``, ``widen``,
+        ``conformal_floor``, ``runs_needed`` (for a distribution-free flag at alpha)
+    """
+
+    def __init__(self, alpha: float = 0.05):
+        self.alpha = alpha
+
+    def fit(self, curves: dict[str, tuple[np.ndarray, np.ndarray]], features: list[str]):
+        """``curves``: run -> ``(steps, L)`` of :func:`evidence_curves` (each reference run
+        against the *other* reference runs); ``features``: the names of ``L``'s columns."""
+        self.features_ = list(features)
+        self.runs_ = [r for r, (s, L) in curves.items() if len(s)]
+        steps = [np.asarray(curves[r][0]) for r in self.runs_]
+        self.grid_ = np.unique(np.concatenate(steps)) if steps else np.zeros(0, np.int64)
+        self.curves_ = np.full((len(self.runs_), len(self.grid_), len(self.features_)), np.nan)
+        self.own_ = np.zeros((len(self.runs_), len(self.grid_)), dtype=bool)
+        for i, r in enumerate(self.runs_):
+            s, L = curves[r]
+            self.curves_[i] = self._on_grid(np.asarray(s), L)
+            self.own_[i] = np.isin(self.grid_, s)
+        return self._calibrate()
+
+    def _calibrate(self):
+        """The whole-life W of every reference run (leave-one-run-out) and the self-check."""
+        self._stats: dict = {}
+        self.whole_life_ = {}
+        for i, r in enumerate(self.runs_):
+            W, _, _ = self.looks(self.grid_[self.own_[i]], self.curves_[i][self.own_[i]], r)
+            self.whole_life_[r] = float(W[-1]) if len(W) else math.nan
+        self._self_check()
+        return self
+
+    def restricted(self, columns: list[int]) -> AnyLookCalibration:
+        """The same reference with only ``columns`` of its features (a target table that
+        lacks some): location, scale, whole-life W and the self-check recomputed."""
+        out = AnyLookCalibration(alpha=self.alpha)
+        out.features_ = [self.features_[j] for j in columns]
+        out.runs_, out.grid_, out.own_ = self.runs_, self.grid_, self.own_
+        out.curves_ = self.curves_[:, :, columns]
+        return out._calibrate()
+
+    def at_alpha(self, alpha: float) -> AnyLookCalibration:
+        """This calibration with the self-check (and widening) redone for ``alpha``."""
+        if alpha == self.alpha:
+            return self
+        out = AnyLookCalibration(alpha=alpha)
+        out.features_, out.runs_, out.grid_ = self.features_, self.runs_, self.grid_
+        out.own_, out.curves_ = self.own_, self.curves_
+        out._stats, out.whole_life_ = self._stats, self.whole_life_
+        out._self_check()
+        return out
+
+    # -- the reference's per-step location and per-feature scale ---------------------
+    def _on_grid(self, steps: np.ndarray, L: np.ndarray) -> np.ndarray:
+        """``L`` (a running maximum: a step function) read at every grid step."""
+        at = np.searchsorted(steps, self.grid_, side="right") - 1
+        out = np.where((at >= 0)[:, None], L[np.maximum(at, 0)], np.nan)
+        return out
+
+    def _location_scale(self, exclude: str | None) -> tuple[np.ndarray, np.ndarray]:
+        """Per grid step and feature the median of the reference runs' ``L`` (NaN where
+        fewer than :data:`MIN_RUNS_AT_STEP` runs have a checkpoint), and per feature the
+        pooled scale; without run ``exclude``. Cached."""
+        if exclude in self._stats:
+            return self._stats[exclude]
+        keep = [i for i, r in enumerate(self.runs_) if r != exclude]
+        block = self.curves_[keep]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            location = np.nanmedian(block, axis=0)
+            count = np.isfinite(block).sum(axis=0)
+            location[count < MIN_RUNS_AT_STEP] = np.nan
+            residual = np.abs(block - location[None])
+            scale = MAD_SCALE * np.nanmedian(residual.reshape(-1, block.shape[2]), axis=0)
+        scale = np.maximum(np.nan_to_num(scale, nan=SCALE_FLOOR), SCALE_FLOOR)
+        self._stats[exclude] = (location, scale)
+        return location, scale
+
+    def looks(
+        self, steps: np.ndarray, L: np.ndarray, exclude: str | None = None, columns=None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A run's statistic after each of its checkpoints: ``(W, V, u)`` with ``u`` the
+        calibrated per-feature values (checkpoints x features), ``V`` their maximum per
+        checkpoint and ``W`` its running maximum. ``exclude``: a reference run left out of
+        the reference side (the run itself, when a reference run is scored).
+        ``columns``: indices of the features to use (default all)."""
+        steps = np.asarray(steps)
+        if not len(steps) or not len(self.grid_):
+            empty = np.zeros(0)
+            return empty, empty, np.zeros((0, L.shape[1] if L.ndim == 2 else 0))
+        location, scale = self._location_scale(exclude)
+        at = np.searchsorted(self.grid_, steps, side="right") - 1
+        before = at < 0
+        loc = location[np.maximum(at, 0)]
+        loc[before] = np.nan
+        u = (L - loc) / scale[None]
+        if columns is not None:
+            u = u[:, columns]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            V = np.nanmax(np.where(np.isfinite(u), u, np.nan), axis=1) if u.shape[1] else None
+        if V is None:
+            V = np.full(len(steps), np.nan)
+        V = np.where(np.isfinite(V), V, -np.inf)
+        W = np.maximum.accumulate(V)
+        W = np.where(np.isfinite(W), W, np.nan)
+        return W, V, u
+
+    # -- the decision --------------------------------------------------------------------
+    def pool(self, exclude: str | None = None) -> np.ndarray:
+        """The reference runs' whole-life ``W`` (without ``exclude``), finite only."""
+        values = [w for r, w in self.whole_life_.items() if r != exclude]
+        values = np.asarray(values, dtype=float)
+        return values[np.isfinite(values)]
+
+    def p_value(self, W: float, exclude: str | None = None) -> float:
+        """The one-sided p-value of a run whose statistic is ``W`` (the widened t tail)."""
+        return _t_tail(W, self.pool(exclude), self.widen_)
+
+    def conformal(self, W: float, exclude: str | None = None) -> float:
+        """``(1 + #{reference W >= W}) / (n + 1)``: distribution-free, never below
+        ``1 / (n + 1)``."""
+        pool = self.pool(exclude)
+        if not math.isfinite(W):
+            return 1.0
+        return (1 + int((pool >= W).sum())) / (len(pool) + 1)
+
+    def _self_check(self) -> None:
+        """Each reference run scored as a new run is, against the others' whole-life W:
+        the realised any-look false-alarm rate; widen the tail until it is <= alpha.
+
+        Runs beyond Tukey's far-out fence of the reference's W (``Q3 + 3 IQR``: 4.7 SD at
+        the normal, distribution-free) are left out of the check: a backtest's reference
+        holds the very runs it should flag, and they say nothing about the healthy
+        runs' tail."""
+        values = np.array([self.whole_life_[r] for r in self.runs_], dtype=float)
+        finite = values[np.isfinite(values)]
+        if len(finite) >= 4:
+            q1, q3 = np.percentile(finite, [25, 75])
+            fence = q3 + FAR_OUT * (q3 - q1)
+        else:
+            fence = math.inf
+        bulk = [
+            r for r, w in zip(self.runs_, values, strict=True) if math.isfinite(w) and w <= fence
+        ]
+        outside = [
+            r for r, w in zip(self.runs_, values, strict=True) if math.isfinite(w) and w > fence
+        ]
+
+        def flagged_at(widen: float) -> list[str]:
+            return [
+                r for r in bulk if _t_tail(self.whole_life_[r], self.pool(r), widen) <= self.alpha
+            ]
+
+        first = flagged_at(1.0)
+        flagged = first
+        self.widen_ = WIDENING[0]
+        for widen in WIDENING:
+            self.widen_, flagged = widen, flagged_at(widen)
+            if len(flagged) <= self.alpha * len(bulk):
+                break
+        n = len(bulk)
+        rate = len(flagged) / n if n else math.nan
+        level = max(rate, self.alpha) if n else math.nan
+        self.self_check_ = {
+            "n": n,
+            "alpha": self.alpha,
+            "flagged_before_widening": len(first),
+            "flagged": len(flagged),
+            "rate": rate,
+            "se": math.sqrt(level * (1 - level) / n) if n else math.nan,
+            "widen": self.widen_,
+            "far_out": outside,
+            "fence": fence if math.isfinite(fence) else None,
+            "conformal_floor": 1 / (len(self.runs_) + 1),
+            "runs_needed": max(0, math.ceil(1 / self.alpha) - 1),
+        }
+
+    def summary(self) -> str:
+        """One paragraph for ``polymap describe`` and the log."""
+        c = self.self_check_
+        text = (
+            f"self-check: {c['flagged']} of {c['n']} reference runs flagged leave-one-run-out "
+            f"at alpha {c['alpha']:g} over all their looks (rate {c['rate']:.3f}, SE {c['se']:.3f})"
+        )
+        if c["far_out"]:
+            text += f"; {len(c['far_out'])} far-out run(s) left out of the check: " + ", ".join(
+                c["far_out"]
+            )
+        if c["widen"] > 1:
+            text += (
+                f"; the t tail flagged {c['flagged_before_widening']} and was widened "
+                f"x{c['widen']:g}"
+            )
+        if c["conformal_floor"] > c["alpha"]:
+            text += (
+                f". With {c['n']} reference runs a distribution-free p-value cannot go below "
+                f"{c['conformal_floor']:.3f} > alpha: flags rest on the checked t tail; "
+                f"{c['runs_needed']} runs make the rank alone enough"
+            )
+        return text
+
+    # -- persistence ---------------------------------------------------------------------
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"cal.grid": self.grid_, "cal.curves": self.curves_, "cal.own": self.own_}
+
+    def to_meta(self) -> dict:
+        return {
+            "alpha": self.alpha,
+            "runs": self.runs_,
+            "features": self.features_,
+            "whole_life": self.whole_life_,
+            "widen": self.widen_,
+            "self_check": self.self_check_,
+        }
+
+    @classmethod
+    def from_saved(cls, meta: dict, arrays: dict[str, np.ndarray]) -> AnyLookCalibration:
+        out = cls(alpha=float(meta["alpha"]))
+        out.runs_ = [str(r) for r in meta["runs"]]
+        out.features_ = [str(f) for f in meta["features"]]
+        out.grid_ = np.asarray(arrays["cal.grid"], dtype=np.int64)
+        out.curves_ = np.asarray(arrays["cal.curves"], dtype=float)
+        out.own_ = np.asarray(arrays["cal.own"], dtype=bool)
+        expected = (len(out.runs_), len(out.grid_), len(out.features_))
+        if out.curves_.shape != expected or out.own_.shape != expected[:2]:
+            raise ValueError(f"cal.curves has shape {out.curves_.shape}, expected {expected}")
+        out.whole_life_ = {
+            str(r): (math.nan if w is None else float(w)) for r, w in meta["whole_life"].items()
+        }
+        out.widen_ = float(meta["widen"])
+        out.self_check_ = dict(meta["self_check"])
+        out._stats = {}
+        return out
+
+
+__all__ = ["AnyLookCalibration", "evidence_curves"]
