@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     if "pythia" in families and not PYTHIA.is_dir():
         print(f"skipping pythia: {PYTHIA} not present", file=sys.stderr)
         families.remove("pythia")
-    jobs = [(f, s, args.runs, args.alpha, args.states) for f in families for s in range(args.studies)]
+    spec = (args.runs, args.alpha, args.states)
+    jobs = [(f, s, *spec) for f in families for s in range(args.studies)]
     start = time.time()
     with ProcessPoolExecutor(args.jobs) as pool:
         records = [r for rows in pool.map(_study, *zip(*jobs, strict=True)) for r in rows]

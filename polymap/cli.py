@@ -246,8 +246,12 @@ def _fit(args: argparse.Namespace) -> int:
 
 def _describe(args: argparse.Namespace) -> int:
     from polymap.phases import describe
+    from polymap.scoring.calibration import describe_scorer
 
     print(describe(args.model_dir))
+    scorer = describe_scorer(args.model_dir)
+    if scorer:
+        print(scorer)
     return EXIT_OK
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -480,3 +481,32 @@ def test_score_cli_group_by_and_grouped_model_dir(table, tmp_path):
     assert set(again.loc[again["flagged"], "run"]) == {"run3", "run7"}
     assert main(["score", str(features), "--model", str(plain), "--group-by", "nope",
                  "--out", str(out)]) == 2  # fmt: skip
+
+
+@pytest.mark.slow
+def test_stop_decision_reaches_every_rank(tmp_path):
+    """``stop=True`` under ``torchrun --nproc_per_node 2`` (gloo, CPU, a real Trainer):
+    only rank 0 scores, its decision is broadcast, and both ranks end at the step of the
+    first flag (before, rank 1 trained on and waited for rank 0 in its next collective)."""
+    import json
+    import subprocess
+    import sys
+
+    import polymap
+    from polymap.phases import fit_model_dir
+    from polymap.synthetic import make_tiny_run
+
+    for seed in range(4):
+        make_tiny_run(tmp_path / "ref" / f"seed{seed}", steps=(0, 5, 10, 15, 20), seed=seed)
+    reference = polymap.extract(tmp_path / "ref", features="hu2023", device="cpu", progress=False)
+    reference.to_parquet(tmp_path / "reference.parquet")
+    (phase_model,) = fit_model_dir(reference, tmp_path / "model", n_states=1, restarts=1).values()
+    RiskScorer(phase_model=phase_model).fit(reference).save(tmp_path / "model")
+    worker = Path(__file__).with_name("ddp_stop_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "0", str(worker), str(tmp_path)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    first = ranks[0]["flagged"][0]
+    assert ranks[0]["stopped_at"] == ranks[1]["stopped_at"] == first < 60

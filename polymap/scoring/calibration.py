@@ -12,10 +12,11 @@ From a run's per-checkpoint z-scores to a p-value, top to bottom:
    is compared with the reference runs' own running maxima of *that* feature at the
    same step (their value at their last checkpoint at or before ``t``):
    ``u[t, f] = (L[t, f] - median_s L_s[t, f]) / scale_f``, ``scale_f`` the feature's
-   1.4826 MAD of those residuals pooled over the reference runs and steps (floored at
-   :data:`SCALE_FLOOR`). A feature whose healthy runs routinely reach |z| = 20 has a
-   large median and scale and weighs little; one whose healthy runs never pass 3 weighs
-   a lot.
+   the larger of the residuals' pooled 1.4826 MAD and what its most extreme reference
+   run implies (:func:`feature_scale`). A feature whose healthy runs routinely reach
+   |z| = 20 has a large scale and weighs little; one whose healthy runs never pass 3
+   weighs a lot. A column's scale is at least the median of its siblings' (the same
+   statistic in other layers and roles, :func:`sibling_floor`).
 3. **Combined** as ``V[t] = max_f u[t, f]`` (one strong clean feature is enough;
    hundreds of noisy ones cannot add up to a flag) and ``W[t] = max_{t' <= t} V[t']``:
    the run's statistic after each look, non-decreasing.
@@ -69,6 +70,76 @@ WIDENING = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
 FAR_OUT = 3.0
 # a step's location needs this many reference runs with a checkpoint at or before it
 MIN_RUNS_AT_STEP = 3
+
+
+def expected_max(m: int) -> float:
+    """The expected largest of ``m`` standard normal values (Blom's approximation).
+
+    >>> round(expected_max(9), 2)
+    1.49
+    """
+    from scipy.stats import norm
+
+    return float(norm.ppf((m - 0.375) / (m + 0.25))) if m > 1 else 1.0
+
+
+def feature_scale(residuals: np.ndarray) -> np.ndarray:
+    """Each feature's scale from the reference runs' residuals ``L - location`` (runs x
+    steps x features): the larger of
+
+    - the bulk: 1.4826 MAD of the residuals pooled over runs and steps, and
+    - the tail: how far the most extreme run's largest excursion lies beyond the median
+      run's, divided by the expected largest of that many normal values
+      (:func:`expected_max`) - a column in which a few healthy runs routinely jump far
+      (a power-law fit early in training) gets the scale those jumps imply, not the
+      scale of its quiet majority;
+
+    at least :data:`SCALE_FLOOR`.
+
+    >>> r = np.zeros((9, 1, 2)); r[:, 0, 0] = np.linspace(-1, 1, 9); r[:, 0, 1] = [0] * 8 + [9]
+    >>> feature_scale(r).round(2).tolist()    # bulk-limited; tail-limited (MAD 0)
+    [0.74, 6.05]
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        bulk = MAD_SCALE * np.nanmedian(np.abs(residuals).reshape(-1, residuals.shape[2]), axis=0)
+        excursion = np.nanmax(residuals, axis=1)  # runs x features
+        runs = np.isfinite(excursion).sum(axis=0)
+        tail = (np.nanmax(excursion, axis=0) - np.nanmedian(excursion, axis=0)) / np.array(
+            [expected_max(int(m)) for m in runs]
+        )
+    scale = np.fmax(np.nan_to_num(bulk, nan=0.0), np.nan_to_num(tail, nan=0.0))
+    return np.maximum(scale, SCALE_FLOOR)
+
+
+def sibling_key(feature: str) -> str:
+    """Columns that measure the same thing in other layers or roles: the feature set and
+    the statistic's name (``spectral.layer3.attn_qkv.alpha`` -> ``spectral.alpha``).
+
+    >>> sibling_key("spectral.layer3.attn_qkv.alpha"), sibling_key("evals_native.loss (worse)")
+    ('spectral.alpha', 'evals_native.loss (worse)')
+    """
+    head, _, rest = feature.partition(".")
+    return f"{head}.{rest.rpartition('.')[2]}" if rest else head
+
+
+def sibling_floor(scale: np.ndarray, features: list[str]) -> np.ndarray:
+    """Each column's scale, at least the median scale of its siblings
+    (:func:`sibling_key`). Leave-one-run-out, a noisy column in which only the scored run
+    happened to jump looks clean; its siblings in other layers show how such a statistic
+    behaves in healthy runs (a power-law fit that jumps at steps 2-4 does so in every
+    layer). A column without siblings keeps its own scale.
+
+    >>> sibling_floor(np.array([0.1, 1.0, 2.0, 0.1]), ["s.a.x", "s.b.x", "s.c.x", "w.a.y"]).tolist()
+    [1.0, 1.0, 2.0, 0.1]
+    """
+    keys = [sibling_key(f) for f in features]
+    out = scale.copy()
+    for key in set(keys):
+        members = [j for j, k in enumerate(keys) if k == key]
+        if len(members) > 1:
+            out[members] = np.maximum(scale[members], np.median(scale[members]))
+    return out
 
 
 def evidence_curves(
@@ -186,8 +257,8 @@ class AnyLookCalibration:
 
     def _location_scale(self, exclude: str | None) -> tuple[np.ndarray, np.ndarray]:
         """Per grid step and feature the median of the reference runs' ``L`` (NaN where
-        fewer than :data:`MIN_RUNS_AT_STEP` runs have a checkpoint), and per feature the
-        pooled scale; without run ``exclude``. Cached."""
+        fewer than :data:`MIN_RUNS_AT_STEP` runs have a checkpoint), and per feature its
+        scale (:func:`feature_scale`); without run ``exclude``. Cached."""
         if exclude in self._stats:
             return self._stats[exclude]
         keep = [i for i, r in enumerate(self.runs_) if r != exclude]
@@ -197,9 +268,7 @@ class AnyLookCalibration:
             location = np.nanmedian(block, axis=0)
             count = np.isfinite(block).sum(axis=0)
             location[count < MIN_RUNS_AT_STEP] = np.nan
-            residual = np.abs(block - location[None])
-            scale = MAD_SCALE * np.nanmedian(residual.reshape(-1, block.shape[2]), axis=0)
-        scale = np.maximum(np.nan_to_num(scale, nan=SCALE_FLOOR), SCALE_FLOOR)
+        scale = sibling_floor(feature_scale(block - location[None]), self.features_)
         self._stats[exclude] = (location, scale)
         return location, scale
 
@@ -305,27 +374,7 @@ class AnyLookCalibration:
 
     def summary(self) -> str:
         """One paragraph for ``polymap describe`` and the log."""
-        c = self.self_check_
-        text = (
-            f"self-check: {c['flagged']} of {c['n']} reference runs flagged leave-one-run-out "
-            f"at alpha {c['alpha']:g} over all their looks (rate {c['rate']:.3f}, SE {c['se']:.3f})"
-        )
-        if c["far_out"]:
-            text += f"; {len(c['far_out'])} far-out run(s) left out of the check: " + ", ".join(
-                c["far_out"]
-            )
-        if c["widen"] > 1:
-            text += (
-                f"; the t tail flagged {c['flagged_before_widening']} and was widened "
-                f"x{c['widen']:g}"
-            )
-        if c["conformal_floor"] > c["alpha"]:
-            text += (
-                f". With {c['n']} reference runs a distribution-free p-value cannot go below "
-                f"{c['conformal_floor']:.3f} > alpha: flags rest on the checked t tail; "
-                f"{c['runs_needed']} runs make the rank alone enough"
-            )
-        return text
+        return self_check_text(self.self_check_)
 
     # -- persistence ---------------------------------------------------------------------
     def to_arrays(self) -> dict[str, np.ndarray]:
@@ -361,4 +410,67 @@ class AnyLookCalibration:
         return out
 
 
-__all__ = ["AnyLookCalibration", "evidence_curves"]
+def self_check_text(check: dict) -> str:
+    """The self-check (:attr:`AnyLookCalibration.self_check_`) in words."""
+    c = check
+    text = (
+        f"self-check: {c['flagged']} of {c['n']} reference runs flagged leave-one-run-out "
+        f"at alpha {c['alpha']:g} over all their looks (rate {c['rate']:.3f}, SE {c['se']:.3f})"
+    )
+    if c.get("far_out"):
+        text += f"; {len(c['far_out'])} far-out run(s) left out of the check: " + ", ".join(
+            c["far_out"]
+        )
+    if c["widen"] > 1:
+        text += (
+            f"; the t tail flagged {c['flagged_before_widening']} and was widened x{c['widen']:g}"
+        )
+    if c["conformal_floor"] > c["alpha"]:
+        text += (
+            f". With {c['n'] + len(c.get('far_out') or [])} reference runs a distribution-free "
+            f"p-value cannot go below {c['conformal_floor']:.3f} > alpha: flags rest on the "
+            f"checked t tail; {c['runs_needed']} runs make the rank alone enough"
+        )
+    return text + "."
+
+
+def describe_scorer(directory) -> str:
+    """The saved scorer of a MODEL_DIR in words (its decision's columns, alpha and
+    self-check), read from ``scorer.json`` alone; "" when there is none. A grouped
+    MODEL_DIR (``groups.json``) gives one paragraph per group."""
+    import json
+    from pathlib import Path
+
+    directory = Path(directory)
+    groups = directory / "groups.json"
+    if groups.exists():
+        spec = json.loads(groups.read_text())
+        parts = [(g, describe_scorer(directory / str(g))) for g in spec.get("groups", [])]
+        return "\n".join(f"[{spec.get('group_by')} = {g}] {t}" for g, t in parts if t)
+    path = directory / "scorer.json"
+    if not path.exists():
+        return ""
+    meta = json.loads(path.read_text())
+    calibration = meta.get("calibration") or {}
+    params = meta.get("params", {})
+    deviation = meta.get("features", [])
+    performance = meta.get("performance_features", [])
+    lines = [
+        f"Risk scorer: flags at alpha {params.get('alpha', 0.05):g} per run over all its looks; "
+        f"deviation columns: {len(deviation)} ({_listed(deviation)}); performance columns: "
+        f"{len(performance)} ({_listed(performance)})."
+    ]
+    if calibration.get("self_check"):
+        lines.append(self_check_text(calibration["self_check"]))
+    return "\n".join(lines)
+
+
+def _listed(names: list[str], most: int = 6) -> str:
+    if not names:
+        return "none"
+    return ", ".join(names[:most]) + (
+        f", ... {len(names) - most} more" if len(names) > most else ""
+    )
+
+
+__all__ = ["AnyLookCalibration", "describe_scorer", "evidence_curves", "self_check_text"]

@@ -13,7 +13,9 @@ never flagged.
 
 In a ``Trainer``, the scores go through ``Trainer.log`` - the path every integration reads
 (TensorBoard, W&B, MLflow, CSV) - as ``polymap/risk``, ``polymap/p_value``,
-``polymap/flagged`` and ``polymap/deviation``; only the main process scores.
+``polymap/flagged`` and ``polymap/deviation``; only the main process scores. With
+``stop=True`` under ``torch.distributed`` (``torchrun``) the main process's decision is
+broadcast at each save, so every rank stops at the same step.
 
 >>> monitor = RiskMonitor("reference.parquet", "model/", run="my-run")   # doctest: +SKIP
 >>> monitor.observe(model, step=1000)                                    # doctest: +SKIP
@@ -165,11 +167,19 @@ def risk_callback(reference, model_dir, run: str = "live", alpha: float = 0.05, 
 
         def on_save(self, args, state, control, **kwargs):
             if not state.is_world_process_zero:  # one scorer per job, not one per rank
+                if stop and _agreed_stop(False):  # the main process's decision, broadcast
+                    control.should_training_stop = True
                 return control
+            flagged = self._score(args, state)
+            if stop and _agreed_stop(flagged):
+                control.should_training_stop = True
+            return control
+
+        def _score(self, args, state) -> bool:
             directory = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             result = monitor.observe_checkpoint(directory, state.global_step)
             if "skipped" in result:
-                return control
+                return False
             metrics = {f"polymap/{k}": float(result[k]) for k in METRICS}
             if self.trainer is not None:
                 self.trainer.log(metrics)  # -> on_log of TensorBoard, W&B, MLflow, ...
@@ -182,11 +192,28 @@ def risk_callback(reference, model_dir, run: str = "live", alpha: float = 0.05, 
                     )
                     self._warned_unbound = True
                 state.log_history.append({**metrics, "step": state.global_step})
-            if stop and result["flagged"]:
-                control.should_training_stop = True
-            return control
+            return bool(result["flagged"])
 
     return PolymapRiskCallback()
+
+
+def _agreed_stop(flagged: bool) -> bool:
+    """The main process's stop decision on every rank: under ``torch.distributed`` (as
+    ``torchrun`` starts a Trainer) a broadcast from rank 0 that every rank joins at the
+    same save, so no rank leaves training while the others wait for it in a collective.
+    Without a process group, ``flagged`` as it is."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flagged
+    import torch
+
+    device = "cpu"
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    decision = torch.tensor([1 if flagged else 0], dtype=torch.int32, device=device)
+    dist.broadcast(decision, src=0)
+    return bool(decision.item())
 
 
 def attach_risk_callback(

@@ -38,30 +38,28 @@ From a checkpoint's features to a flag, top to bottom:
      likelihood's emissions count each whitened residual at most ``z_clip`` SDs; both
      are per-checkpoint series made persistent and aggregated like the deviation.
 
-2. **A p-value per signal** against the reference runs' own values (each computed
-   leave-one-run-out at the same horizon): the signal (``log`` for the positive
-   deviation) is standardised by the reference's median and 1.4826 MAD (floored per
-   signal, :data:`SIGNAL_FLOORS`; the performance is standardised as is, it can be
-   negative), and ``p = P(T > z)`` for Student's t with ``n - 1``
-   degrees of freedom, scaled by ``sqrt(1 + 1/n)`` (the predictive distribution of one
-   more run). The plain conformal p-value ``(1 + #{reference >= value}) / (n + 1)`` is
-   reported too (``p_conformal``); it cannot go below ``1 / (n + 1)`` - 0.1 with 9
-   reference runs - which is why the decision uses the parametric tail, whose false-
-   alarm rate is *measured* (README, benchmarks/README.md) rather than guaranteed.
+2. **The decision** (:mod:`polymap.scoring.calibration`). The deviation's ``|z|`` and
+   the performance's "worse" z, column by column, become running maxima of their
+   persistent values; each column is calibrated against the reference runs' own running
+   maxima of that column at the same step (a column that is noisy in healthy runs weighs
+   little, a clean one a lot), the columns combine by their maximum, and the run's
+   statistic ``W`` is the running maximum of that over its checkpoints. ``p_value`` is
+   the tail of the reference runs' whole-life ``W`` (each leave-one-run-out), checked
+   on the reference at fit and widened when it flags more than ``alpha`` of them
+   (``calibration_.self_check_``, shown by ``polymap describe``). ``W`` never falls and
+   the threshold never moves, so a run flagged at any checkpoint is flagged at its last:
+   ``flagged = p_value <= alpha`` bounds the probability that a healthy run is flagged
+   at *any* look over its life (assuming it is exchangeable with the reference runs),
+   and backtest, ``score --until-step``, the monitor and the callback agree on every
+   checkpoint. ``deviation`` is ``W``, ``p_deviation`` its p-value (= ``p_value``),
+   ``p_conformal`` its rank among the reference runs (never below ``1 / (n + 1)``);
+   ``risk = 1 - p_value`` ranks runs (a confidence that the run is unlike the reference,
+   not a probability of later instability). Testing N runs at once flags about
+   ``alpha * N`` healthy runs on average; pass ``alpha / N`` for a family-wise rate.
 
-3. **The decision.** The path signal is discrete (most healthy runs score exactly 0), so
-   its p-value is the conformal one; the deviation's and the performance's are the t
-   tail. ``p_value`` is
-   Bonferroni over the decision signals that can reach significance (Tarone's
-   refinement: with n reference runs the path's p cannot go below ``1 / (n + 1)``, so
-   below 40 runs it cannot flag at 0.05 and is not counted): one strong signal can flag
-   on its own. The likelihood's null is heavier-tailed than the t tail (measured: 5% of
-   healthy synthetic runs under a level of 1.7%), so it is reported, not decisive;
-   ``flagged = p_value <= alpha``: the nominal probability that a healthy run is flagged.
-   ``risk = 1 - (the smallest decision-signal p-value)`` ranks runs (a confidence that the
-   run is unlike the reference, not a probability of later instability). Testing N runs
-   at once flags about ``alpha * N`` healthy runs on average; pass ``alpha / N`` for a
-   family-wise rate.
+3. **Reported, not deciding**: the path, likelihood and performance signals keep their
+   pointwise p-values (``p_path`` conformal, the others a t tail on their lasting mean
+   at the horizon) as diagnostics: they are not corrected for the number of looks.
 
 4. **Broken checkpoints are evidence.** A failed or non-finite checkpoint at or before
    the horizon gives ``p_value = 0``, ``risk = 1``, ``flagged`` and a reason; a run whose
@@ -856,7 +854,7 @@ class RiskScorer(BaseEstimator):
         first = None
         threshold = _threshold(calibration, exclude, self.alpha)
         if p <= self.alpha:
-            crossed = np.flatnonzero(W >= threshold) if math.isfinite(threshold) else []
+            crossed = np.flatnonzero(threshold <= W) if math.isfinite(threshold) else []
             first = int(steps[crossed[0]]) if len(crossed) else int(steps[-1])
         worst = int(np.nanargmax(np.where(np.isfinite(V), V, -np.inf)))
         names = calibration.features_
@@ -1134,9 +1132,15 @@ class RiskScorer(BaseEstimator):
     def score_reference(
         self, horizon: float | None = None, until_step: int | None = None
     ) -> pd.DataFrame:
-        """Backtest mode: every reference run scored leave-one-run-out from its
-        checkpoints up to the horizon, as at the moment all runs reached it (no
-        checkpoint after the horizon reaches any model, band or pool)."""
+        """Backtest mode: every reference run replayed as a live run, from its
+        checkpoints up to the horizon, against the other runs (leave-one-run-out).
+
+        The decision (``flagged``, ``p_value``, ``first_flag_step``) is exactly what
+        :meth:`score` gives that run's rows cut at the horizon: its evidence up to the
+        horizon against the other whole runs, with their whole-life threshold (the
+        any-look rule, :mod:`polymap.scoring.calibration`). The reported path and
+        likelihood signals still use models refitted on the reference cut at the
+        horizon, as before."""
         self._check_fitted()
         cut = horizon_step(self.reference_, horizon, until_step)
         null = self._reference_signals(cut, strict=True)
