@@ -54,7 +54,9 @@ def _pythia_table() -> pd.DataFrame:
     return table[["run", "step", *keep]]
 
 
-def _study(family: str, study: int, runs: int, alpha: float, states: int) -> list[dict]:
+def _study(
+    family: str, study: int, runs: int, alpha: float, states: int, rescore: bool = False
+) -> list[dict]:
     from polymap.phases import PhaseModel
     from polymap.scoring import RiskScorer
 
@@ -80,20 +82,32 @@ def _study(family: str, study: int, runs: int, alpha: float, states: int) -> lis
         model = PhaseModel(n_states=states, restarts=1, random_state=study, features=features)
         return RiskScorer(phase_model=model, alpha=alpha, features=features, random_state=study)
 
+    new_table = table[table["run"].isin(new_runs)]
     fitted = scorer().fit(backtest_table)
-    modes = [("backtest", fitted.score_reference())]
+    backtest = fitted
     if family == "pythia":  # the reference must not hold the new runs
         fitted = scorer().fit(table[table["run"].isin(reference_runs)])
-    modes.append(("new runs", fitted.score(table[table["run"].isin(new_runs)])))
-    for mode, scores in modes:
-        for row in scores.itertuples():
-            first = row.first_flag_step
-            record = {"family": family, "mode": mode, "study": study, "run": row.run}
-            for look in LOOKS:
-                cut = look * length
-                record[f"{look:g}"] = bool(row.flagged and pd.notna(first) and first <= cut)
-            record["any look"] = bool(row.flagged)
-            record["widen"] = fitted.calibration_.widen_
+    widen = getattr(fitted, "calibration_", None)
+    widen = widen.widen_ if widen is not None else 1.0
+    for mode, score in (
+        ("backtest", lambda **cut: backtest.score_reference(**cut)),
+        ("new runs", lambda **cut: fitted.score(new_table, **cut)),
+    ):
+        if rescore:  # every look scored on its own (a rule without the any-look property)
+            looks = {f"{look:g}": score(until_step=int(look * length)) for look in LOOKS}
+            flagged = {k: v.set_index("run")["flagged"] for k, v in looks.items()}
+        else:
+            whole = score().set_index("run")
+            first = whole["first_flag_step"]
+            flagged = {
+                f"{look:g}": whole["flagged"] & first.notna() & (first <= look * length)
+                for look in LOOKS
+            }
+        for run in sorted(flagged["1"].index):
+            record = {"family": family, "mode": mode, "study": study, "run": run}
+            record.update({k: bool(v.get(run, False)) for k, v in flagged.items()})
+            record["any look"] = any(record[f"{look:g}"] for look in LOOKS)
+            record["widen"] = widen
             out.append(record)
     return out
 
@@ -114,12 +128,18 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--states", type=int, default=4)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="per-run flags (CSV)")
+    parser.add_argument(
+        "--rescore",
+        action="store_true",
+        help="score each look on its own (slower; for rules whose first_flag_step is not "
+        "the any-look decision, such as polymap's before the calibrated rule)",
+    )
     args = parser.parse_args(argv)
     families = [f for f in args.families.split(",") if f]
     if "pythia" in families and not PYTHIA.is_dir():
         print(f"skipping pythia: {PYTHIA} not present", file=sys.stderr)
         families.remove("pythia")
-    spec = (args.runs, args.alpha, args.states)
+    spec = (args.runs, args.alpha, args.states, args.rescore)
     jobs = [(f, s, *spec) for f in families for s in range(args.studies)]
     start = time.time()
     with ProcessPoolExecutor(args.jobs) as pool:
