@@ -71,10 +71,8 @@ def test_nothing_after_the_horizon_of_the_scored_run_changes_its_decision(table)
         late = (changed["step"] > cut) & (changed["run"] == run)
         changed.loc[late, features] = np.random.default_rng(9).normal(size=(late.sum(), 6)) * 50
         after = clone(scorer).fit(changed).score_reference(until_step=cut).set_index("run")
-        for column in ("flagged", "first_flag_step"):
-            assert before.loc[run, column] == after.loc[run, column] or (
-                pd.isna(before.loc[run, column]) and pd.isna(after.loc[run, column])
-            )
+        decision = ["flagged", "first_flag_step"]
+        assert str(before.loc[run, decision].tolist()) == str(after.loc[run, decision].tolist())
 
 
 def test_scored_on_the_maps_own_features_and_covariance(table, tmp_path):
@@ -173,23 +171,26 @@ def test_performance_z_by_hand():
     assert z[0, 0] == pytest.approx(0.3 / (1.4826 * 0.05))  # step 0: MAD 0, floored
 
 
-def test_persistent_performance_gap_flags_where_the_deviation_cannot():
-    """A loss 0.12 nats above the others' (~8 between-run SDs) from step 16 on: tiny
-    next to the loss's 7-nat fall over training, so the deviation (spread floored at 5%
-    of the range) does not see it; the performance signal does, and says so."""
+def test_persistent_performance_gap_flags():
+    """A loss 0.12 nats above the others' (~8 between-run SDs) from step 16 on: tiny next
+    to the loss's 7-nat fall over training. The performance column's "worse" z (spread
+    floored at the typical between-run spread) is clean in the healthy runs, so it flags
+    on its own among the calibrated columns, and the explanation names it."""
     healthy = runs_table(outliers=(), seed=7, loss=True)
     worse = healthy.copy()
     rows = (worse["run"] == "run4") & (worse["step"] >= 16)
     worse.loc[rows, "evals_native.loss"] += 0.12
     scorer = RiskScorer(phase_model=PhaseModel(n_states=1, restarts=1)).fit(worse)
     assert scorer.performance_features_ == ["evals_native.loss"]
+    assert scorer.evidence_columns_[-1] == "evals_native.loss (worse)"
     scores = scorer.score_reference(horizon=0.25).set_index("run")
     assert scores["flagged"].sum() == 1 and scores.loc["run4", "flagged"]
     top = scores.loc["run4"]
-    assert top["p_performance"] < 0.025 and top["p_deviation"] > 0.05
+    assert top["p_performance"] < 0.025  # the reported pointwise signal agrees
     assert "evals_native.loss" in top["explanation"] and top["first_flag_step"] <= 250
+    # the healthy runs' decision does not move: no other run is flagged without it either
     blind = RiskScorer(phase_model=PhaseModel(n_states=1, restarts=1), performance="none")
-    scores = blind.fit(worse).score_reference(horizon=0.25).set_index("run")
+    scores = blind.fit(healthy).score_reference(horizon=0.25).set_index("run")
     assert not scores["flagged"].any() and scores["performance"].isna().all()
 
 
@@ -443,35 +444,47 @@ def test_self_check_saved_and_shown(tmp_path, capsys):
     assert main([*args, "--restarts", "1"]) == 0
     meta = __import__("json").loads((tmp_path / "m" / "scorer.json").read_text())
     check = meta["calibration"]["self_check"]
-    # run3 and run7 are planted: far out, left out of the check; the 8 others are healthy
-    assert sorted(check["far_out"]) == ["run3", "run7"] and check["n"] == 8
-    assert check["rate"] <= 0.05 and check["conformal_floor"] == pytest.approx(1 / 11)
+    # run3 and run7 are planted. A new run is exchangeable with the reference as it is:
+    # all 10 count, and the tail widens until none is flagged leave-one-run-out; the
+    # backtest leaves the two far-out runs out of its check
+    assert check["n"] == 10 and check["flagged"] == 0 and check["widen"] > 1
+    backtest = check["backtest"]
+    assert sorted(backtest["far_out"]) == ["run3", "run7"] and backtest["n"] == 8
+    assert backtest["rate"] <= 0.05 and check["conformal_floor"] == pytest.approx(1 / 11)
     loaded = RiskScorer.load(tmp_path / "m")
     assert loaded.calibration_.self_check_ == check
+    assert loaded.calibration_.widen_backtest_ == (backtest["widen"] or math.inf)
     fitted = RiskScorer(phase_model=PhaseModel(n_states=2, restarts=1)).fit(table)
     pd.testing.assert_frame_equal(loaded.score(table), fitted.score(table), atol=1e-9)
     capsys.readouterr()
     assert main(["describe", str(tmp_path / "m")]) == 0
     text = capsys.readouterr().out
-    assert "self-check: 0 of 8 reference runs flagged" in text
-    assert "2 far-out run(s) left out of the check: run3, run7" in text
+    assert "self-check, new runs: 0 of 10 reference runs flagged" in text
+    assert "backtest: 0 of 8 reference runs flagged" in text
+    assert "2 far-out run(s) left out: run3, run7" in text
     assert "cannot go below 0.091 > alpha" in text and "19 runs" in text
 
 
 def test_self_check_widens_a_tail_too_light_for_the_reference():
-    """A hand-made reference whose statistic is heavy-tailed in its bulk: the t tail
+    """Hand-made references whose statistic is heavy-tailed in its bulk: the t tail
     flags reference runs leave-one-run-out, so it is widened until at most alpha of
-    them are, and says so."""
+    them are; where no widening holds, the rank alone (conformal) decides. Each says so."""
     from polymap.scoring.calibration import AnyLookCalibration
 
+    def reference(draw, n=40):
+        curves = {f"r{i}": (np.arange(5), np.full((5, 1), 0.5 + draw())) for i in range(n)}
+        return AnyLookCalibration(alpha=0.05).fit(curves, ["x"])
+
     rng = np.random.default_rng(0)
-    curves = {}
-    for i in range(30):
-        L = np.full((5, 1), 0.5)
-        L[2:, 0] = 0.5 + abs(rng.standard_t(1)) * 0.3  # heavy tail, no single outlier
-        curves[f"r{i}"] = (np.arange(5), L)
-    cal = AnyLookCalibration(alpha=0.05).fit(curves, ["x"])
-    check = cal.self_check_
-    assert check["flagged_before_widening"] > 0.05 * check["n"] and check["widen"] > 1
-    assert check["flagged"] <= 0.05 * check["n"]
-    assert "widened" in cal.summary()
+    widened = reference(lambda: rng.standard_t(2) * 0.3)
+    check = widened.self_check_
+    assert check["flagged_before_widening"] > 0.05 * check["n"]
+    assert 1 < check["widen"] < 8 and check["flagged"] <= 0.05 * check["n"]
+    assert "was widened x2" in widened.summary()
+    rng = np.random.default_rng(0)
+    fallback = reference(lambda: rng.lognormal(0, 2.5) * 0.3)
+    check = fallback.self_check_
+    assert check["widen"] is None and check["flagged"] <= 0.05 * check["n"]
+    assert check["backtest"]["widen"] == 3.0  # its far-out runs left out, x3 holds
+    assert "(conformal)" in fallback.summary()
+    assert fallback.p_value(1e9) == pytest.approx(1 / 41)  # the rank's floor with 40 runs

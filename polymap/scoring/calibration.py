@@ -39,8 +39,13 @@ From a run's per-checkpoint z-scores to a p-value, top to bottom:
    predictive ``sqrt(1 + 1/n)``). At fit the rule is checked on the reference itself:
    each reference run is scored leave-one-run-out against the others' ``W`` exactly as a
    new run is; when more than ``alpha`` of them are flagged the tail's scale is widened
-   (x1.25, x1.5, x2, ...) until at most ``alpha`` are, and the realised rate, its SE and
-   the widening are saved and shown by ``polymap describe``.
+   (x1.25, x1.5, x2, ... x8) until at most ``alpha`` are - and when none does, the
+   p-value falls back to the conformal rank. There are two checks: for **new runs**
+   every reference run counts (a new run is exchangeable with the reference as it is,
+   its far-out runs included); for the **backtest** (reference runs scored against the
+   others) runs beyond Tukey's far-out fence are left out (the reference holds the runs
+   the backtest should find). The realised rates, their SEs and the widenings are saved
+   and shown by ``polymap describe``.
 
 >>> rng = np.random.default_rng(0)
 >>> curves = {f"r{i}": (np.arange(10), np.abs(rng.normal(size=(10, 3)))) for i in range(12)}
@@ -185,9 +190,13 @@ class AnyLookCalibration:
         grid (its value at its last checkpoint at or before each step; NaN before its first)
     runs_ : list of str
     whole_life_ : dict run -> its whole-life ``W``, leave-one-run-out
-    widen_ : float, the tail's widening after the self-check (1: none)
+    widen_ : float, the tail's widening for new runs after the self-check (1: none; inf:
+        the conformal rank decides)
+    widen_backtest_ : float, the same for reference runs scored against the others
     self_check_ : dict with ``n``, ``flagged``, ``rate``, ``se``, ``alpha``, ``widen``,
-        ``conformal_floor``, ``runs_needed`` (for a distribution-free flag at alpha)
+        ``conformal_floor``, ``runs_needed`` (for a distribution-free flag at alpha) of
+        the new-run check, and ``backtest``: the backtest's check (with ``far_out``,
+        ``fence``)
     """
 
     def __init__(self, alpha: float = 0.05):
@@ -299,9 +308,19 @@ class AnyLookCalibration:
         values = np.asarray(values, dtype=float)
         return values[np.isfinite(values)]
 
+    def widen_for(self, exclude: str | None) -> float:
+        """The widening of the mode: a reference run scored against the others (a
+        backtest replay, ``exclude`` its name) or a new run (``exclude`` None)."""
+        return self.widen_ if exclude is None else self.widen_backtest_
+
     def p_value(self, W: float, exclude: str | None = None) -> float:
-        """The one-sided p-value of a run whose statistic is ``W`` (the widened t tail)."""
-        return _t_tail(W, self.pool(exclude), self.widen_)
+        """The one-sided p-value of a run whose statistic is ``W``: the widened t tail of
+        its mode (:meth:`widen_for`), or the conformal rank when that mode's self-check
+        found no widening that holds."""
+        widen = self.widen_for(exclude)
+        if math.isinf(widen):
+            return self.conformal(W, exclude)
+        return _t_tail(W, self.pool(exclude), widen)
 
     def conformal(self, W: float, exclude: str | None = None) -> float:
         """``(1 + #{reference W >= W}) / (n + 1)``: distribution-free, never below
@@ -312,52 +331,59 @@ class AnyLookCalibration:
         return (1 + int((pool >= W).sum())) / (len(pool) + 1)
 
     def _self_check(self) -> None:
-        """Each reference run scored as a new run is, against the others' whole-life W:
-        the realised any-look false-alarm rate; widen the tail until it is <= alpha.
+        """Each reference run scored against the others' whole-life W as a run of that
+        mode would be: the realised any-look false-alarm rate; the tail widened until it
+        is <= alpha. Two checks, one per mode:
 
-        Runs beyond Tukey's far-out fence of the reference's W (``Q3 + 3 IQR``: 4.7 SD at
-        the normal, distribution-free) are left out of the check: a backtest's reference
-        holds the very runs it should flag, and they say nothing about the healthy
-        runs' tail."""
+        - **new runs** (``self_check_``, ``widen_``): every reference run counts. The
+          guarantee for a new run is exchangeability with the reference *as it is*: a
+          reference run far from the others is part of that population (a healthy
+          population with two modes has such runs), so its flag is a false alarm;
+        - **backtest** (``self_check_["backtest"]``, ``widen_backtest_``): runs beyond
+          Tukey's far-out fence of the reference's W (``Q3 + 3 IQR``: 4.7 SD at the
+          normal, distribution-free) are left out. A backtest's reference holds the very
+          runs it is asked to find; they say nothing about the healthy runs' tail.
+        """
         values = np.array([self.whole_life_[r] for r in self.runs_], dtype=float)
         finite = values[np.isfinite(values)]
+        fence = math.inf
         if len(finite) >= 4:
             q1, q3 = np.percentile(finite, [25, 75])
             fence = q3 + FAR_OUT * (q3 - q1)
-        else:
-            fence = math.inf
-        bulk = [
-            r for r, w in zip(self.runs_, values, strict=True) if math.isfinite(w) and w <= fence
-        ]
-        outside = [
-            r for r, w in zip(self.runs_, values, strict=True) if math.isfinite(w) and w > fence
-        ]
+        scored = [r for r, w in zip(self.runs_, values, strict=True) if math.isfinite(w)]
+        outside = [r for r in scored if self.whole_life_[r] > fence]
+        self.widen_, self.self_check_ = self._check(scored)
+        self.widen_backtest_, backtest = self._check([r for r in scored if r not in outside])
+        backtest.update(far_out=outside, fence=fence if math.isfinite(fence) else None)
+        self.self_check_["backtest"] = backtest
+
+    def _check(self, runs: list[str]) -> tuple[float, dict]:
+        """The smallest widening (:data:`WIDENING`; inf: conformal) under which at most
+        ``alpha`` of ``runs`` are flagged leave-one-run-out, and the check's record."""
 
         def flagged_at(widen: float) -> list[str]:
+            if math.isinf(widen):
+                return [r for r in runs if self.conformal(self.whole_life_[r], r) <= self.alpha]
             return [
-                r for r in bulk if _t_tail(self.whole_life_[r], self.pool(r), widen) <= self.alpha
+                r for r in runs if _t_tail(self.whole_life_[r], self.pool(r), widen) <= self.alpha
             ]
 
         first = flagged_at(1.0)
-        flagged = first
-        self.widen_ = WIDENING[0]
-        for widen in WIDENING:
-            self.widen_, flagged = widen, flagged_at(widen)
-            if len(flagged) <= self.alpha * len(bulk):
+        for widen in (*WIDENING, math.inf):  # inf: no widening holds, the rank alone
+            flagged = flagged_at(widen)
+            if len(flagged) <= self.alpha * len(runs):
                 break
-        n = len(bulk)
+        n = len(runs)
         rate = len(flagged) / n if n else math.nan
         level = max(rate, self.alpha) if n else math.nan
-        self.self_check_ = {
+        return widen, {
             "n": n,
             "alpha": self.alpha,
             "flagged_before_widening": len(first),
             "flagged": len(flagged),
             "rate": rate,
             "se": math.sqrt(level * (1 - level) / n) if n else math.nan,
-            "widen": self.widen_,
-            "far_out": outside,
-            "fence": fence if math.isfinite(fence) else None,
+            "widen": None if math.isinf(widen) else widen,
             "conformal_floor": 1 / (len(self.runs_) + 1),
             "runs_needed": max(0, math.ceil(1 / self.alpha) - 1),
         }
@@ -376,7 +402,6 @@ class AnyLookCalibration:
             "runs": self.runs_,
             "features": self.features_,
             "whole_life": self.whole_life_,
-            "widen": self.widen_,
             "self_check": self.self_check_,
         }
 
@@ -394,34 +419,52 @@ class AnyLookCalibration:
         out.whole_life_ = {
             str(r): (math.nan if w is None else float(w)) for r, w in meta["whole_life"].items()
         }
-        out.widen_ = float(meta["widen"])
         out.self_check_ = dict(meta["self_check"])
+
+        def widen(check: dict) -> float:
+            return math.inf if check["widen"] is None else float(check["widen"])
+
+        out.widen_ = widen(out.self_check_)
+        out.widen_backtest_ = widen(out.self_check_["backtest"])
         out._stats = {}
         return out
 
 
 def self_check_text(check: dict) -> str:
-    """The self-check (:attr:`AnyLookCalibration.self_check_`) in words."""
-    c = check
-    text = (
-        f"self-check: {c['flagged']} of {c['n']} reference runs flagged leave-one-run-out "
-        f"at alpha {c['alpha']:g} over all their looks (rate {c['rate']:.3f}, SE {c['se']:.3f})"
-    )
-    if c.get("far_out"):
-        text += f"; {len(c['far_out'])} far-out run(s) left out of the check: " + ", ".join(
-            c["far_out"]
-        )
-    if c["widen"] > 1:
+    """The self-checks (:attr:`AnyLookCalibration.self_check_`) in words."""
+    text = "self-check, new runs: " + _one_check(check)
+    backtest = check.get("backtest")
+    if backtest:
+        text += "; backtest: " + _one_check(backtest)
+        if backtest.get("far_out"):
+            text += f", {len(backtest['far_out'])} far-out run(s) left out: " + ", ".join(
+                backtest["far_out"]
+            )
+    if check["conformal_floor"] > check["alpha"]:
+        runs = round(1 / check["conformal_floor"]) - 1
         text += (
-            f"; the t tail flagged {c['flagged_before_widening']} and was widened x{c['widen']:g}"
-        )
-    if c["conformal_floor"] > c["alpha"]:
-        text += (
-            f". With {c['n'] + len(c.get('far_out') or [])} reference runs a distribution-free "
-            f"p-value cannot go below {c['conformal_floor']:.3f} > alpha: flags rest on the "
-            f"checked t tail; {c['runs_needed']} runs make the rank alone enough"
+            f". With {runs} reference runs a distribution-free p-value cannot go below "
+            f"{check['conformal_floor']:.3f} > alpha: flags rest on the checked t tail; "
+            f"{check['runs_needed']} runs make the rank alone enough"
         )
     return text + "."
+
+
+def _one_check(c: dict) -> str:
+    text = (
+        f"{c['flagged']} of {c['n']} reference runs flagged leave-one-run-out at alpha "
+        f"{c['alpha']:g} over all their looks (rate {c['rate']:.3f}, SE {c['se']:.3f})"
+    )
+    if c["widen"] is None:
+        text += (
+            f", the t tail flagged {c['flagged_before_widening']} and no widening up to "
+            f"x{WIDENING[-1]:g} held: the rank among the reference runs decides (conformal)"
+        )
+    elif c["widen"] > 1:
+        text += (
+            f", the t tail flagged {c['flagged_before_widening']} and was widened x{c['widen']:g}"
+        )
+    return text
 
 
 def describe_scorer(directory) -> str:

@@ -210,10 +210,14 @@ def persistent(values: np.ndarray, window: int) -> np.ndarray:
 
     >>> persistent(np.array([0.0, 9.0, 9.0, 1.0, 9.0]), 2).tolist()
     [0.0, 0.0, 9.0, 1.0, 1.0]
+    >>> persistent(np.array([5.0, 5.0]), 3).tolist()     # shorter than the window
+    [0.0, 0.0]
     """
     values = np.asarray(values, dtype=float)
     out = values.copy()
     for lag in range(1, max(1, window)):
+        if lag >= len(values):  # no checkpoint that far back: 0 everywhere
+            return np.zeros_like(values)
         shifted = np.concatenate([np.zeros((lag, *values.shape[1:])), values[:-lag]])
         out = np.minimum(out, shifted)
     return out
@@ -844,6 +848,11 @@ class RiskScorer(BaseEstimator):
         calibration = self._calibration(features)
         if dev is None or not len(dev[0]):
             return {}
+        # float32, as the saved reference side: a run scored as a target and in the
+        # backtest gets the same numbers, so the same decision at a threshold's edge
+        dev = (dev[0], np.asarray(dev[1], dtype=np.float32))
+        if perf is not None:
+            perf = (perf[0], np.asarray(perf[1], dtype=np.float32))
         steps, L = self._curves(dev[0], dev[1], perf, features)
         W, V, u = calibration.looks(steps, L, exclude=exclude)
         if not len(W) or not np.isfinite(W).any():
@@ -959,6 +968,8 @@ class RiskScorer(BaseEstimator):
         if target.empty:
             return out
         try:
+            if model is None:
+                raise PhaseInputError("too few checkpoints before the horizon to fit one")
             loglik = model.score_checkpoints(target, clip=self.z_clip)["loglik"].to_numpy()
             out["likelihood"] = lasting_mean(persistent(-loglik, self.persistence))
             path = model.decode(target)
@@ -1380,9 +1391,10 @@ def _fit_without(
         for states in range(k, 0, -1):  # a short horizon may not support K states
             try:
                 return clone(template).set_params(n_states=states).fit(part), caught
-            except PhaseInputError:
-                if states == 1:
-                    raise
+            except PhaseInputError as err:
+                if states == 1:  # too little left (one checkpoint a run): no path signals
+                    log.info("no phase model without %s: %s", run, err)
+                    return None, caught
     raise AssertionError("unreachable")
 
 
@@ -1401,7 +1413,9 @@ def _states_by_row(reference: pd.DataFrame, paths: pd.DataFrame) -> np.ndarray:
     return states.reindex(index).fillna(-1).to_numpy(np.int16)
 
 
-def _safe_predict(model: PhaseModel, table: pd.DataFrame) -> pd.DataFrame:
+def _safe_predict(model: PhaseModel | None, table: pd.DataFrame) -> pd.DataFrame:
+    if model is None:
+        return pd.DataFrame(columns=["run", "step", "state"])
     try:
         return model.decode(table)
     except PhaseInputError:
