@@ -503,9 +503,10 @@ def test_stop_decision_reaches_every_rank(tmp_path):
     (phase_model,) = fit_model_dir(reference, tmp_path / "model", n_states=1, restarts=1).values()
     RiskScorer(phase_model=phase_model).fit(reference).save(tmp_path / "model")
     worker = Path(__file__).with_name("ddp_stop_worker.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "0", str(worker), str(tmp_path)]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", str(worker), str(tmp_path)]  # fmt: skip
+    # ~20 s here; without the broadcast rank 1 waits for rank 0 in its next collective
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     first = ranks[0]["flagged"][0]
