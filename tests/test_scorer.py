@@ -445,21 +445,25 @@ def test_self_check_saved_and_shown(tmp_path, capsys):
     meta = __import__("json").loads((tmp_path / "m" / "scorer.json").read_text())
     check = meta["calibration"]["self_check"]
     # run3 and run7 are planted. A new run is exchangeable with the reference as it is:
-    # all 10 count, and the tail widens until none is flagged leave-one-run-out; the
+    # all 10 count, each scored without itself and its nearest run (run3 and run7 are
+    # each other's), and no t tail holds with two such runs: the rank decides. The
     # backtest leaves the two far-out runs out of its check
-    assert check["n"] == 10 and check["flagged"] == 0 and check["widen"] > 1
+    assert check["n"] == 10 and check["flagged"] == 0 and check["widen"] is None
+    assert check["flagged_before_widening"] == 2
     backtest = check["backtest"]
     assert sorted(backtest["far_out"]) == ["run3", "run7"] and backtest["n"] == 8
     assert backtest["rate"] <= 0.05 and check["conformal_floor"] == pytest.approx(1 / 11)
     loaded = RiskScorer.load(tmp_path / "m")
     assert loaded.calibration_.self_check_ == check
     assert loaded.calibration_.widen_backtest_ == (backtest["widen"] or math.inf)
+    assert loaded.calibration_.widen_ == math.inf
     fitted = RiskScorer(phase_model=PhaseModel(n_states=2, restarts=1)).fit(table)
     pd.testing.assert_frame_equal(loaded.score(table), fitted.score(table), atol=1e-9)
     capsys.readouterr()
     assert main(["describe", str(tmp_path / "m")]) == 0
     text = capsys.readouterr().out
     assert "self-check, new runs: 0 of 10 reference runs flagged" in text
+    assert "the rank among the reference runs decides (conformal)" in text
     assert "backtest: 0 of 8 reference runs flagged" in text
     assert "2 far-out run(s) left out: run3, run7" in text
     assert "cannot go below 0.091 > alpha" in text and "19 runs" in text

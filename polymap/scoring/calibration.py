@@ -260,7 +260,8 @@ class AnyLookCalibration:
         scale (:func:`feature_scale`); without run ``exclude``. Cached."""
         if exclude in self._stats:
             return self._stats[exclude]
-        keep = [i for i, r in enumerate(self.runs_) if r != exclude]
+        left_out = exclude if isinstance(exclude, frozenset) else {exclude}
+        keep = [i for i, r in enumerate(self.runs_) if r not in left_out]
         block = self.curves_[keep]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
@@ -302,9 +303,11 @@ class AnyLookCalibration:
         return W, V, u
 
     # -- the decision --------------------------------------------------------------------
-    def pool(self, exclude: str | None = None) -> np.ndarray:
-        """The reference runs' whole-life ``W`` (without ``exclude``), finite only."""
-        values = [w for r, w in self.whole_life_.items() if r != exclude]
+    def pool(self, exclude: str | frozenset | None = None) -> np.ndarray:
+        """The reference runs' whole-life ``W`` (without ``exclude``: a run, or a set of
+        runs), finite only."""
+        left_out = exclude if isinstance(exclude, frozenset) else {exclude}
+        values = [w for r, w in self.whole_life_.items() if r not in left_out]
         values = np.asarray(values, dtype=float)
         return values[np.isfinite(values)]
 
@@ -338,7 +341,9 @@ class AnyLookCalibration:
         - **new runs** (``self_check_``, ``widen_``): every reference run counts. The
           guarantee for a new run is exchangeability with the reference *as it is*: a
           reference run far from the others is part of that population (a healthy
-          population with two modes has such runs), so its flag is a false alarm;
+          population with two modes has such runs), so its flag is a false alarm. Each
+          run is scored without itself *and its nearest reference run*
+          (:meth:`_without_relatives`), as a new run without a twin in the reference is;
         - **backtest** (``self_check_["backtest"]``, ``widen_backtest_``): runs beyond
           Tukey's far-out fence of the reference's W (``Q3 + 3 IQR``: 4.7 SD at the
           normal, distribution-free) are left out. A backtest's reference holds the very
@@ -352,21 +357,54 @@ class AnyLookCalibration:
             fence = q3 + FAR_OUT * (q3 - q1)
         scored = [r for r, w in zip(self.runs_, values, strict=True) if math.isfinite(w)]
         outside = [r for r in scored if self.whole_life_[r] > fence]
-        self.widen_, self.self_check_ = self._check(scored)
-        self.widen_backtest_, backtest = self._check([r for r in scored if r not in outside])
+        self.widen_, self.self_check_ = self._check(scored, self._without_relatives(scored))
+        backtest_runs = [r for r in scored if r not in outside]
+        self.widen_backtest_, backtest = self._check(
+            backtest_runs, {r: (self.whole_life_[r], r) for r in backtest_runs}
+        )
         backtest.update(far_out=outside, fence=fence if math.isfinite(fence) else None)
         self.self_check_["backtest"] = backtest
 
-    def _check(self, runs: list[str]) -> tuple[float, dict]:
+    def _without_relatives(self, runs: list[str]) -> dict[str, tuple[float, frozenset]]:
+        """For the new-run check: each run's whole-life W against the reference without
+        it *and its nearest reference run* (the smallest mean |L| difference over steps
+        and features), and that left-out pair. Runs that share a data order, a config
+        or a node are closer to each other than to a new run; leaving one run out keeps
+        its twin in the reference and makes the check see every run as ordinary."""
+        index = {r: i for i, r in enumerate(self.runs_)}
+        out = {}
+        for r in runs:
+            i = index[r]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                distance = np.nanmean(np.abs(self.curves_ - self.curves_[i][None]), axis=(1, 2))
+            distance[i] = np.inf
+            distance = np.where(np.isfinite(distance), distance, np.inf)
+            left_out = frozenset({r, self.runs_[int(np.argmin(distance))]})
+            own = self.own_[i]
+            W, _, _ = self.looks(self.grid_[own], self.curves_[i][own], left_out)
+            out[r] = (float(W[-1]) if len(W) else math.nan, left_out)
+        return out
+
+    def _check(self, runs: list[str], scored: dict) -> tuple[float, dict]:
         """The smallest widening (:data:`WIDENING`; inf: conformal) under which at most
-        ``alpha`` of ``runs`` are flagged leave-one-run-out, and the check's record."""
+        ``alpha`` of ``runs`` are flagged, each run's ``(W, left out)`` in ``scored``
+        compared with the pool without the left-out runs; the check's record."""
 
         def flagged_at(widen: float) -> list[str]:
-            if math.isinf(widen):
-                return [r for r in runs if self.conformal(self.whole_life_[r], r) <= self.alpha]
-            return [
-                r for r in runs if _t_tail(self.whole_life_[r], self.pool(r), widen) <= self.alpha
-            ]
+            out = []
+            for r in runs:
+                W, left_out = scored[r]
+                if not math.isfinite(W):
+                    continue
+                if math.isinf(widen):
+                    pool = self.pool(left_out)
+                    p = (1 + int((pool >= W).sum())) / (len(pool) + 1)
+                else:
+                    p = _t_tail(W, self.pool(left_out), widen)
+                if p <= self.alpha:
+                    out.append(r)
+            return out
 
         first = flagged_at(1.0)
         for widen in (*WIDENING, math.inf):  # inf: no widening holds, the rank alone
