@@ -23,8 +23,8 @@ Held out (:data:`HELD_OUT`, written after the rule's constants were fixed and re
 separately): ``random_walk``, runs that wander as random walks in log step with
 transient one-checkpoint spikes; ``two_speeds``, a bimodal population of fast and slow
 learners with per-layer columns; ``slow_wander``, autocorrelated excursions that last
-about ten checkpoints; ``shared_order``, runs in pairs that share a data order; ``uneven_noise``, runs with
-their own noise levels.
+about ten checkpoints; ``shared_order``, runs in pairs that share a data order;
+``uneven_noise``, runs with their own noise levels.
 
 >>> table = draw("phase_timing", n_runs=3, seed=0)
 >>> sorted(table["run"].unique()), table.filter(like="null.").shape[1]
