@@ -14,16 +14,8 @@ from transformers import Trainer, TrainingArguments
 from polymap.scoring.online import attach_risk_callback
 from polymap.synthetic import tiny_model
 
-
-class RandomTokens(torch.utils.data.Dataset):
-    def __init__(self, vocab: int, n: int = 256, length: int = 16):
-        self.ids = torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(0))
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_data import RandomTokens  # noqa: E402
 
 
 def main(work: Path) -> None:
@@ -36,7 +28,9 @@ def main(work: Path) -> None:
         per_device_train_batch_size=2, learning_rate=1e-4, report_to=[], use_cpu=True,
         ddp_backend="gloo", disable_tqdm=True, seed=0,
     )  # fmt: skip
-    trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(model.config.vocab_size))
+    trainer = Trainer(
+        model=model, args=args, train_dataset=RandomTokens(model.config.vocab_size, n=256)
+    )
     callback = attach_risk_callback(
         trainer, work / "reference.parquet", work / "model", run="live", stop=True
     )

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from tiny_data import RandomTokens
 
 from polymap.cli import main
 from polymap.phases import PhaseModel
@@ -297,19 +298,6 @@ def test_online_monitor_and_trainer_callback(tmp_path):
     assert risk_callback(reference, tmp_path / "model").monitor is not None
 
 
-class _RandomTokens(__import__("torch").utils.data.Dataset):
-    def __init__(self, vocab: int, n: int = 64, length: int = 16):
-        import torch
-
-        self.ids = torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(0))
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
 def _train(model, out, callback_args, max_steps=20):
     from transformers import Trainer, TrainingArguments
 
@@ -320,7 +308,7 @@ def _train(model, out, callback_args, max_steps=20):
         per_device_train_batch_size=4, learning_rate=1e-2, report_to=["tensorboard"],
         use_cpu=True, disable_tqdm=True, seed=0,
     )  # fmt: skip
-    trainer = Trainer(model=model, args=args, train_dataset=_RandomTokens(model.config.vocab_size))
+    trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(model.config.vocab_size))
     callback = attach_risk_callback(trainer, *callback_args)
     trainer.train()
     return trainer, callback
@@ -357,6 +345,14 @@ def test_trainer_callback_reaches_tensorboard(tmp_path):
     assert [e.value for e in risks] == pytest.approx([h["polymap/risk"] for h in logged])
     seconds = [r["seconds"] for r in callback.monitor.risks]
     print(f"\nscoring seconds per save: {[round(s, 3) for s in seconds]}")
+    # the flag history at each save is what `score --until-step` gives the same
+    # checkpoints afterwards (the any-look rule: the same answer online and offline)
+    live = pd.DataFrame(callback.monitor.history)
+    scorer = RiskScorer.load(tmp_path / "model")
+    for result in callback.monitor.risks:
+        again = scorer.score(live, until_step=result["step"]).iloc[0]
+        assert bool(again["flagged"]) == bool(result["flagged"]), result["step"]
+        assert again["p_value"] == pytest.approx(result["p_value"], rel=1e-9)
     # a model of another architecture is not scored (warned once)
     with pytest.warns(ArchitectureMismatchWarning, match="not comparable"):
         other, _ = _train(tiny_model("gpt2", seed=7), tmp_path / "gpt2",
