@@ -63,7 +63,7 @@ import warnings
 
 import numpy as np
 
-from polymap.robust import MAD_SCALE
+from polymap.robust import MAD_SCALE, median_mad
 
 # a feature's pooled scale (log1p units) is at least this: a column whose reference
 # running maxima are all equal (all clipped at z_clip, all 0) is not infinitely precise
@@ -77,6 +77,25 @@ UPPER_QUARTILE = 0.6745
 FAR_OUT = 3.0
 # a step's location needs this many reference runs with a checkpoint at or before it
 MIN_RUNS_AT_STEP = 3
+
+
+def persistent(values: np.ndarray, window: int) -> np.ndarray:
+    """Each checkpoint's value as far as it lasted: the minimum over it and the
+    ``window - 1`` checkpoints before it (0 before a run has that many), along axis 0.
+
+    >>> persistent(np.array([0.0, 9.0, 9.0, 1.0, 9.0]), 2).tolist()
+    [0.0, 0.0, 9.0, 1.0, 1.0]
+    >>> persistent(np.array([5.0, 5.0]), 3).tolist()     # shorter than the window
+    [0.0, 0.0]
+    """
+    values = np.asarray(values, dtype=float)
+    out = values.copy()
+    for lag in range(1, max(1, window)):
+        if lag >= len(values):  # no checkpoint that far back: 0 everywhere
+            return np.zeros_like(values)
+        shifted = np.concatenate([np.zeros((lag, *values.shape[1:])), values[:-lag]])
+        out = np.minimum(out, shifted)
+    return out
 
 
 def feature_scale(residuals: np.ndarray) -> np.ndarray:
@@ -154,8 +173,6 @@ def evidence_curves(
     >>> np.expm1(L[:, 0]).round(6).tolist()
     [0.0, 1.0, 5.0, 5.0]
     """
-    from polymap.scoring.scorer import persistent
-
     evidence = np.hstack([np.abs(deviation), performance]) if performance.size else deviation
     evidence = np.clip(np.nan_to_num(np.asarray(evidence, dtype=float)), 0.0, z_clip)
     lasting = persistent(evidence, persistence)
@@ -166,15 +183,19 @@ def evidence_curves(
 
 def _t_tail(x: float, pool: np.ndarray, widen: float = 1.0) -> float:
     """``P(T > (x - median) / (widen x max(MAD, floor) x sqrt(1 + 1/n)))`` for Student's t
-    with ``0.37 (n - 1)`` degrees of freedom (at least 2): the predictive tail of one more
-    run, as :func:`polymap.scoring.scorer._tail`, with the spread widened."""
-    from polymap.scoring.scorer import _tail
+    with ``0.37 (n - 1)`` degrees of freedom (at least 2; the MAD of n values is as
+    informative as a standard deviation of about 37% as many): the predictive tail of one
+    more run, its spread widened by the self-check.
+
+    >>> round(_t_tail(3.0, np.array([0.0, 1.0, 2.0, 1.0, 1.5])), 3)
+    0.066
+    """
+    from scipy.stats import t
 
     if len(pool) < 2 or not math.isfinite(x):
         return 1.0
-    z, _ = _tail(x, pool, SCALE_FLOOR)
-    from scipy.stats import t
-
+    median, mad = median_mad(pool)
+    z = (x - median) / max(mad, SCALE_FLOOR)
     df = max(2.0, 0.37 * (len(pool) - 1))
     return float(t.sf(z / widen / math.sqrt(1 + 1 / len(pool)), df))
 
@@ -544,4 +565,10 @@ def _listed(names: list[str], most: int = 6) -> str:
     )
 
 
-__all__ = ["AnyLookCalibration", "describe_scorer", "evidence_curves", "self_check_text"]
+__all__ = [
+    "AnyLookCalibration",
+    "describe_scorer",
+    "evidence_curves",
+    "persistent",
+    "self_check_text",
+]

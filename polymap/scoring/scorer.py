@@ -91,17 +91,13 @@ from polymap.phases.io import jsonable
 from polymap.phases.model import PhaseModel
 from polymap.phases.preprocess import UNCERTAINTY_SUFFIX, PhaseInputError, usable_rows
 from polymap.robust import MAD_SCALE, median_mad
-from polymap.scoring.calibration import AnyLookCalibration, evidence_curves
+from polymap.scoring.calibration import AnyLookCalibration, evidence_curves, persistent
 from polymap.scoring.score import ScoringError, horizon_step, path_disagreement
 from polymap.table import as_table, feature_columns
 
 log = logging.getLogger(__name__)
 
 SIGNALS = ("path", "likelihood", "deviation", "performance")
-# the signals whose p-values decide ``flagged``: the likelihood's null is heavier-tailed
-# than the t tail assumes (measured: 5% of healthy runs below its Bonferroni level of
-# 1.7% on 240 healthy synthetic runs), so it is reported and ranks, but does not flag
-DECISION_SIGNALS = ("path", "deviation", "performance")
 # deviation: in log; performance: in z units
 SIGNAL_FLOORS = {"path": 0.05, "likelihood": 0.1, "deviation": 0.1, "performance": 0.1}
 # what the performance signal reads by default: the probe's loss and token accuracy
@@ -201,25 +197,6 @@ def floor_ends(reference: pd.DataFrame, features: list[str]) -> dict[str, float]
             by_step[column].to_numpy(float),
         )
         out[f] = math.inf if end is None else end
-    return out
-
-
-def persistent(values: np.ndarray, window: int) -> np.ndarray:
-    """Each checkpoint's value as far as it lasted: the minimum over it and the
-    ``window - 1`` checkpoints before it (0 before a run has that many), along axis 0.
-
-    >>> persistent(np.array([0.0, 9.0, 9.0, 1.0, 9.0]), 2).tolist()
-    [0.0, 0.0, 9.0, 1.0, 1.0]
-    >>> persistent(np.array([5.0, 5.0]), 3).tolist()     # shorter than the window
-    [0.0, 0.0]
-    """
-    values = np.asarray(values, dtype=float)
-    out = values.copy()
-    for lag in range(1, max(1, window)):
-        if lag >= len(values):  # no checkpoint that far back: 0 everywhere
-            return np.zeros_like(values)
-        shifted = np.concatenate([np.zeros((lag, *values.shape[1:])), values[:-lag]])
-        out = np.minimum(out, shifted)
     return out
 
 
@@ -571,77 +548,6 @@ def _conformal(value: float, pool: np.ndarray) -> float:
     return (1 + int((np.asarray(pool) >= value).sum())) / (len(pool) + 1)
 
 
-def _tarone(tests: dict[str, tuple[float, float]], alpha: float) -> tuple[float, int]:
-    """Bonferroni over the signals that can reach significance (Tarone 1990): ``m`` is
-    the smallest count with at most ``m`` signals whose smallest attainable p-value is
-    ``<= alpha / m``; a signal that cannot reach ``alpha / m`` (the path's conformal
-    p-value with few reference runs) can never raise a false alarm and is not counted.
-    Returns ``(min(1, m * min p of the counted signals), m)``.
-
-    >>> _tarone({"path": (0.09, 1 / 12), "deviation": (0.02, 0.0)}, 0.05)
-    (0.02, 1)
-    >>> _tarone({"path": (0.01, 1 / 101), "deviation": (0.02, 0.0)}, 0.05)
-    (0.02, 2)
-    """
-    if not tests:
-        return 1.0, 1
-    for m in range(1, len(tests) + 1):
-        counted = [p for p, floor in tests.values() if floor <= alpha / m]
-        if len(counted) <= m:
-            break
-    if not counted:
-        return 1.0, m
-    return min(1.0, m * min(counted)), m
-
-
-def _running_mean(values: np.ndarray) -> np.ndarray:
-    return np.cumsum(values) / np.arange(1, len(values) + 1)
-
-
-def _running_lasting_mean(values: np.ndarray) -> np.ndarray:
-    return np.array([lasting_mean(values[: i + 1]) for i in range(len(values))])
-
-
-# signal -> (per-checkpoint frame key, its column, the statistic up to each checkpoint,
-# whether the p-value is taken on the log)
-_FIRST_FLAG = {
-    "deviation": ("_per", "evidence", _running_mean, True),
-    "performance": ("_perf", "value", _running_lasting_mean, False),
-    "path": (None, None, None, False),
-}
-
-
-def _first_flag_step(sig: dict, null: dict, run: str, alpha: float, signal: str) -> int | None:
-    """The first checkpoint at which ``signal`` *up to it* (the deviation's running mean
-    of evidence, the performance's lasting mean), against the reference runs' same
-    statistic at the same checkpoint, would flag at ``alpha`` (None for the path, which
-    is decided on the whole path)."""
-    key, column, statistic, logged = _FIRST_FLAG[signal]
-    per = sig.get(key) if key else None
-    if per is None or per.empty:
-        return None
-    pools = []  # (steps, statistic up to each checkpoint) of every other reference run
-    for r, other in null.items():
-        if r != run and key in other and len(other[key]):
-            values = other[key][column].to_numpy(float)
-            pools.append((other[key]["step"].to_numpy(), statistic(values)))
-    own = statistic(per[column].to_numpy(float))
-
-    def scale(x):
-        return np.log(np.maximum(x, 1e-6)) if logged else np.asarray(x, dtype=float)
-
-    for i, step in enumerate(per["step"].to_numpy()):
-        ref = [
-            means[j - 1] for steps, means in pools if (j := np.searchsorted(steps, step, "right"))
-        ]
-        if len(ref) < 2:
-            continue
-        _, p = _tail(float(scale(own[i])), scale(np.asarray(ref)), SIGNAL_FLOORS[signal])
-        if p <= alpha:
-            return int(step)
-    return None
-
-
 def _threshold(calibration: AnyLookCalibration, exclude: str | None, alpha: float) -> float:
     """The smallest ``W`` whose p-value is ``<= alpha`` (bisection on the monotone tail)."""
     pool = calibration.pool(exclude)
@@ -861,8 +767,8 @@ class RiskScorer(BaseEstimator):
         last = float(W[-1])
         p = calibration.p_value(last, exclude)
         first = None
-        threshold = _threshold(calibration, exclude, self.alpha)
         if p <= self.alpha:
+            threshold = _threshold(calibration, exclude, self.alpha)
             crossed = np.flatnonzero(threshold <= W) if math.isfinite(threshold) else []
             first = int(steps[crossed[0]]) if len(crossed) else int(steps[-1])
         worst = int(np.nanargmax(np.where(np.isfinite(V), V, -np.inf)))
