@@ -209,6 +209,9 @@ def _fit(args: argparse.Namespace) -> int:
     from polymap.table import read_table
 
     states = args.states if args.states == "auto" else _positive_int(args.states, "--states")
+    if args.pool_by and args.group_by:
+        raise UsageError("--pool-by and --group-by: pool the groups into one scorer, or fit one "
+                         "per group, not both")  # fmt: skip
     models = fit_model_dir(
         read_table(args.features_table),
         args.out,
@@ -224,8 +227,10 @@ def _fit(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     from polymap.scoring import RiskScorer, ScoringError
+    from polymap.scoring.pooling import PoolingError
 
     table = read_table(args.features_table)
+    status = EXIT_OK
     for name, model in models.items():
         label = f"[{name}] " if name else ""
         print(f"{label}K={model.n_states_}: {model.reason_}")
@@ -233,15 +238,19 @@ def _fit(args: argparse.Namespace) -> int:
         try:
             RiskScorer(
                 phase_model=model, performance=args.performance, n_jobs=args.jobs,
-                random_state=args.seed, progress=not args.quiet,
+                random_state=args.seed, progress=not args.quiet, pool_by=args.pool_by,
+                features=args.score_features,
             ).fit(part).save(Path(args.out) / name)  # fmt: skip
+        except PoolingError as err:  # asked for, refused: the map is written, no scorer
+            print(f"{label}no scorer saved: {err}", file=sys.stderr)
+            status = EXIT_FAILED
         except ScoringError as err:
             print(f"{label}no scorer saved: {err}")
     print(f"wrote {args.out}")
     if not args.quiet:
         print()
         print(describe(args.out))
-    return EXIT_OK
+    return status
 
 
 def _describe(args: argparse.Namespace) -> int:
@@ -397,12 +406,22 @@ def _label(args: argparse.Namespace) -> int:
             raise UsageError(
                 f"--spike {args.spike!r}: expected a number, 'off' or 'auto'"
             ) from None
+    min_gap = args.min_gap
+    if Path(args.table).is_dir() and args.metric == "val_loss":
+        # a suite's runs: the suite's own rule (its manifest's labels) unless overridden
+        from polymap.suite import BAND_FLOOR, RISE_THRESHOLD
+
+        min_gap = BAND_FLOOR if min_gap is None else min_gap
+        spike = RISE_THRESHOLD if args.spike == "auto" else spike
+        direction = False if direction is None else direction
+        print(f"a suite's validation loss: the suite's rule (gap {min_gap:g} nats, rise "
+              f"{spike if spike is not None else 'off'}, {args.lasting} checkpoints)")  # fmt: skip
     labels = label_runs(
         table,
         args.metric,
         after_step=args.after_step,
         higher_is_better=direction,
-        min_gap=args.min_gap,
+        min_gap=min_gap,
         lasting=args.lasting,
         spike=spike,
         group_by=args.group_by,
@@ -489,6 +508,25 @@ def _at_least(minimum: int):
         return value
 
     parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _fraction(low_open: bool = True, high_open: bool = True):
+    """A float in (0, 1), or (0, 1] with ``high_open=False``: an argparse type."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        above = value > 0 if low_open else value >= 0
+        below = value < 1 if high_open else value <= 1
+        if not (above and below):
+            span = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"{value:g}: must be in {span}")
+        return value
+
+    parse.__name__ = "fraction"
     return parse
 
 
@@ -603,7 +641,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("paths", nargs="+", metavar="PATH", help="results files or folders")
     e.add_argument("--out", required=True, help="EVALS.parquet (a FeatureTable)")
     e.add_argument("--manifest", default=None, help="CSV path,run,step for files without them")
-    e.add_argument("--stderr", action="store_true", help="also keep <metric>_stderr columns")
+    e.add_argument(
+        "--stderr",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep <metric>_stderr columns (the measurement noise fit, label and score use)",
+    )
     e.set_defaults(func=_evals_ingest, out_kind="file")
     e = _verb(evals, "run", help="run lm-eval on every checkpoint, write its results JSON")
     e.add_argument(
@@ -642,6 +685,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restarts", type=_at_least(1), default=5, help="seeded restarts per K")
     p.add_argument("--features", default=None, help="sets or columns (default hu2023)")
     p.add_argument("--group-by", default=None, help="fit one model per value of this column")
+    p.add_argument(
+        "--score-features",
+        default=None,
+        help="the risk scorer's deviation columns: sets, columns or 'all' (default: the map's "
+        "--features when given, else every feature column)",
+    )
+    p.add_argument(
+        "--pool-by",
+        default=None,
+        metavar="COLUMN",
+        help="one scorer for all groups of COLUMN (sizes, data orders), each standardised by "
+        "its own group, if a leave-one-group-out check finds them exchangeable (else exit 1)",
+    )
     p.add_argument("--covariance", default="diag", choices=["diag", "full"], help="HMM covariance")
     p.add_argument(
         "--scale", default="global", choices=["global", "per-run"], help="feature scaling"
@@ -669,12 +725,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", help="MODEL_DIR from polymap fit (its saved scorer)")
     p.add_argument("--targets", help="score these runs (a FeatureTable) instead of the reference")
-    p.add_argument("--horizon", type=float, default=None, help="fraction of training, e.g. 0.25")
-    p.add_argument(
+    cut = p.add_mutually_exclusive_group()
+    cut.add_argument(
+        "--horizon",
+        type=_fraction(high_open=False),
+        default=None,
+        help="fraction of training, e.g. 0.25 (default: whole runs)",
+    )
+    cut.add_argument(
         "--until-step", type=_at_least(0), default=None, help="last step that may be used"
     )
     p.add_argument("--paths", help="score external state paths (run,step,state CSV)")
-    p.add_argument("--alpha", type=float, default=0.05, help="false-alarm rate of flagged")
+    p.add_argument("--alpha", type=_fraction(), default=0.05, help="false-alarm rate of flagged")
     p.add_argument("--group-by", default=None, help=GROUP_HELP)
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", required=True, help="SCORES.csv")
@@ -692,7 +754,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--min-gap", type=float, default=None,
-        help="smallest gap below the band (default: 10%% of the metric's late-training change)",
+        help="smallest gap below the band (default: 10%% of the metric's late-training change; "
+        "a suite directory's val_loss: the suite's 0.03 nats)",
     )  # fmt: skip
     p.add_argument(
         "--spike", default="auto",
@@ -712,7 +775,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="MODEL_DIR (its saved scorer; else K is selected)")
     p.add_argument("--group-by", default=None, help=GROUP_HELP)
     p.add_argument("--horizons", default="0.1,0.25,0.5", help="fractions of training")
-    p.add_argument("--alpha", type=float, default=0.05, help="false-alarm rate of flagged")
+    p.add_argument("--alpha", type=_fraction(), default=0.05, help="false-alarm rate of flagged")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=_backtest, out_kind="dir")

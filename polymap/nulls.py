@@ -274,4 +274,69 @@ def draw(family: str, n_runs: int = 10, seed: int = 0) -> pd.DataFrame:
     return families[family](n_runs, np.random.default_rng(seed))
 
 
-__all__ = ["FAMILIES", "HELD_OUT", "STEPS", "draw"]
+GROUP_KINDS = ("affine", "own", "warped")
+
+
+def _stretched(steps: np.ndarray, factor: float) -> np.ndarray:
+    """``steps x factor``, rounded, kept strictly increasing (early steps 1, 2, 4...)."""
+    out = np.round(steps * factor).astype(np.int64)
+    for i in range(1, len(out)):
+        out[i] = max(out[i], out[i - 1] + 1)
+    return out
+
+
+def draw_groups(
+    family: str, groups: int = 3, n_runs: int = 10, seed: int = 0, kind: str = "affine"
+) -> pd.DataFrame:
+    """``groups`` groups of ``n_runs`` healthy runs each, named ``g<i>-run<j>`` with the
+    group in the ``model`` column (what model sizes are to PolyPythias). ``kind``:
+
+    - ``"affine"``: one process of ``family``, each group on its own affine scale per
+      feature (a factor log-uniform in [0.3, 3], a shift of up to 5 of the feature's
+      SDs): exchangeable after per-group standardisation, what pooling should accept;
+    - ``"own"``: each group its own process of ``family`` (its own curves, phase times,
+      noise): groups that differ in shape, which pooling should refuse - or, when it
+      accepts them, still flag no more than ``alpha`` of their new runs;
+    - ``"warped"`` (written after the pooling rule was fixed: held out): one process,
+      each group saved at its own steps (the step axis stretched by a factor in
+      [0.6, 1.6], as a larger model's phases come at other steps) and each feature
+      through its own monotone power map (``sign(x) |x|^p``, ``p`` in [0.6, 1.5]) before
+      the affine scale: exchangeable after standardisation, but not by an affine map.
+
+    >>> t = draw_groups("offsets", groups=2, n_runs=3, seed=1)
+    >>> sorted(t["model"].unique()), t["run"].nunique()
+    (['g0', 'g1'], 6)
+    """
+    if kind not in GROUP_KINDS:
+        raise ValueError(f"kind={kind!r} is not one of {GROUP_KINDS}")
+    rng = np.random.default_rng(seed)
+    if kind == "own":
+        tables = [draw(family, n_runs=n_runs, seed=1000 * seed + g + 1) for g in range(groups)]
+    else:
+        whole = draw(family, n_runs=groups * n_runs, seed=seed)
+        names = sorted(whole["run"].unique(), key=lambda r: int(r[3:]))
+        tables = [whole[whole["run"].isin(names[g::groups])] for g in range(groups)]
+    parts = []
+    for g, table in enumerate(tables):
+        table = table.sort_values(["run", "step"]).reset_index(drop=True)
+        if kind != "own" and g:
+            columns = [c for c in table.columns if c not in ("run", "step")]  # no _stderr here
+            values = table[columns].to_numpy(float)
+            if kind == "warped":
+                power = rng.uniform(0.6, 1.5, len(columns))
+                values = np.sign(values) * np.abs(values) ** power
+                stretch = rng.uniform(0.6, 1.6)
+                table["step"] = table.groupby("run")["step"].transform(
+                    lambda x, factor=stretch: _stretched(x.to_numpy(), factor)
+                )
+            sd = np.nan_to_num(np.nanstd(values, axis=0), nan=1.0)
+            factor = np.exp(rng.uniform(np.log(0.3), np.log(3.0), len(columns)))
+            shift = rng.uniform(-5, 5, len(columns)) * sd
+            table[columns] = values * factor + shift
+        table["run"] = f"g{g}-" + table["run"]
+        table["model"] = f"g{g}"
+        parts.append(table)
+    return pd.concat(parts, ignore_index=True)
+
+
+__all__ = ["FAMILIES", "GROUP_KINDS", "HELD_OUT", "STEPS", "draw", "draw_groups"]

@@ -75,6 +75,19 @@ def test_exit_codes_data_usage_bug(tmp_path, capsys, monkeypatch):
     assert exit_info.value.code == 2
     assert main(["backtest", "x.parquet", "--labels", "l.csv", "--horizons", "abc",
                  "--out", str(tmp_path / "b")]) == 2  # fmt: skip
+    # conflicting or out-of-range flags: usage errors before any file is read
+    for argv in (
+        ["--horizon", "0.25", "--until-step", "50"],
+        ["--alpha", "2"],
+        ["--alpha", "0"],
+        ["--horizon", "1.5"],
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["score", "missing.parquet", "--out", str(tmp_path / "s.csv"), *argv])
+        assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "not allowed with argument" in err and "must be in (0, 1)" in err
+    assert not (tmp_path / "s.csv").exists()
     # data: a missing or unusable input
     assert main(["describe", str(tmp_path / "nothing")]) == 1
     assert "no model.json" in capsys.readouterr().err

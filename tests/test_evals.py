@@ -62,7 +62,7 @@ def test_pythia_ingest_all_runs_and_published_values(pythia_evals):
     assert raw["config"]["num_fewshot"] == 0
     assert row["eval.piqa.acc"] == raw["results"]["piqa"]["acc"]
     assert math.isnan(row["eval.5shot.piqa.acc"])
-    assert not any(c.endswith("_stderr") for c in table.columns)
+    assert row["eval.piqa.acc_stderr"] == raw["results"]["piqa"]["acc_stderr"]  # kept
 
 
 def test_pythia_known_real_world_shape(pythia_evals):
@@ -76,11 +76,14 @@ def test_pythia_known_real_world_shape(pythia_evals):
 
 def test_cli_ingest_pythia(pythia_evals, tmp_path, capsys):
     out = tmp_path / "e.parquet"
-    assert main(["evals", "ingest", str(pythia_evals), "--out", str(out), "--stderr"]) == 0
+    assert main(["evals", "ingest", str(pythia_evals), "--out", str(out)]) == 0
     table = pd.read_parquet(out)
     assert table["run"].nunique() == 16 and len(table) == 432
-    assert "eval.wsc.acc_stderr" in table.columns
+    assert "eval.wsc.acc_stderr" in table.columns  # measurement noise kept by default
     assert "432 checkpoint(s) of 16 run(s)" in capsys.readouterr().out
+    bare = tmp_path / "bare.parquet"
+    assert main(["evals", "ingest", str(pythia_evals), "--out", str(bare), "--no-stderr"]) == 0
+    assert not any(c.endswith("_stderr") for c in pd.read_parquet(bare).columns)
 
 
 # --- 0.4 format: files written by really running lm-eval on suite checkpoints ----------

@@ -56,7 +56,7 @@ def test_every_file_is_written(exported):
     assert sorted(p.name for p in files) == sorted(
         ["training_map.dot", "training_map.json", "training_map.png", "training_map.svg",
          "timelines.png", "timelines.svg", "selection.png", "features.png", "risk.png",
-         "fingerprint.png",
+         "fingerprint.png", "backtest.png",
          "report.html"]
     )  # fmt: skip
 
@@ -113,7 +113,10 @@ def test_report_is_self_contained(exported):
     out, _ = exported
     text = (out / "report.html").read_text()
     assert "http://" not in text and "https://" not in text and "<script" not in text
-    assert text.count('src="data:image/png;base64,') == 5
+    # every picture the README lists for the report: map, timelines, risk, selection,
+    # features, fingerprint and (given --backtest) the backtest
+    assert text.count('src="data:image/png;base64,') == 7
+    assert "State fingerprint" in text and 'alt="Backtest"' in text
     assert "pico-seed2" in text and "Backtest" in text and "Training map, in words" in text
 
 
@@ -149,7 +152,7 @@ def test_report_renders_in_headless_chromium(exported):
     scores = [head for head in last if "risk" in head]
     assert scores and scores[0][-1] == "explanation", scores
     assert not [m for m in messages if m[0] in ("error", "pageerror", "warning")], messages
-    assert len(images) == 5 and all(ok and w > 100 and h > 100 for ok, w, h in images)
+    assert len(images) == 7 and all(ok and w > 100 and h > 100 for ok, w, h in images)
     assert all(url.startswith(("file:", "data:")) for url in requests), requests
 
 

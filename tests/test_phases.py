@@ -271,7 +271,7 @@ def test_state_separation_matches_a_direct_computation():
 def test_pythia_evals_start_in_one_state_and_leave_where_tasks_move(pythia_evals, tmp_path, capsys):
     from polymap.evals import ingest
 
-    table, _ = ingest(pythia_evals, stderr=True)
+    table, _ = ingest(pythia_evals)  # the default keeps the standard errors: the noise rule
     columns = [f"eval.{t}.acc" for t in CORE]
     model = fit_model_dir(table, tmp_path / "m", features=columns, random_state=0)[""]
     leave = _first_leave(model.predict(table))
@@ -281,3 +281,22 @@ def test_pythia_evals_start_in_one_state_and_leave_where_tasks_move(pythia_evals
     assert model.n_states_ < model.n_states_likelihood_
     text = describe(tmp_path / "m")
     assert f"by held-out likelihood alone: {model.n_states_likelihood_}" in text
+
+
+def test_full_covariance_on_collinear_features_is_regularised_not_a_crash():
+    """Collinear columns (a norm and its rescaled copy) left EM with an indefinite full
+    covariance that hmmlearn refused ("must be symmetric, positive-definite")."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for r in range(6):
+        for t in range(40):
+            x = (t > 13) + (t > 26) + rng.normal(0, 0.05)
+            rows.append({"run": f"r{r}", "step": t * 10, "a.x": x, "a.y": 2 * x + 1,
+                         "a.z": rng.normal(), "a.w": -x})  # fmt: skip
+    table = pd.DataFrame(rows)
+    model = PhaseModel(n_states=3, covariance="full", restarts=2).fit(table)
+    covars = model.hmm_.covars_
+    assert np.allclose(covars, covars.transpose(0, 2, 1))
+    assert np.linalg.eigvalsh(covars).min() >= model.hmm_.min_covar - 1e-9
+    states = model.predict(table)["state"]
+    assert states.nunique() == 3

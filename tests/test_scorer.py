@@ -492,3 +492,31 @@ def test_self_check_widens_a_tail_too_light_for_the_reference():
     assert check["backtest"]["widen"] == 3.0  # its far-out runs left out, x3 holds
     assert "(conformal)" in fallback.summary()
     assert fallback.p_value(1e9) == pytest.approx(1 / 41)  # the rank's floor with 40 runs
+
+
+def test_a_map_on_chosen_columns_is_scored_on_those_columns(tmp_path, capsys):
+    """`fit --features a,b` then score: the risk is about a and b; `--score-features all`
+    widens it on purpose, and describe says which."""
+    import json
+
+    from polymap.cli import main
+    from polymap.nulls import draw
+
+    table = draw("offsets", n_runs=6, seed=2)
+    path = tmp_path / "f.parquet"
+    table.to_parquet(path)
+    chosen = ["null.f0", "null.f3"]
+    base = ["fit", str(path), "--states", "2", "--restarts", "1", "--features", ",".join(chosen)]
+    assert main([*base, "--out", str(tmp_path / "m"), "-q"]) == 0
+    saved = json.loads((tmp_path / "m" / "scorer.json").read_text())
+    assert saved["features"] == chosen
+    assert main([*base, "--score-features", "all", "--out", str(tmp_path / "w"), "-q"]) == 0
+    wide = json.loads((tmp_path / "w" / "scorer.json").read_text())["features"]
+    assert wide == [c for c in table.columns if c not in ("run", "step")]
+    capsys.readouterr()
+    assert main(["describe", str(tmp_path / "m")]) == 0
+    assert "deviation columns: 2, the map's (fitted on a chosen list)" in capsys.readouterr().out
+    assert main(["score", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "s.csv")]) == 0
+    scores = pd.read_csv(tmp_path / "s.csv", comment="#")
+    named = scores["explanation"].str.findall(r"(null\.f\d)").explode().dropna()
+    assert set(named) <= set(chosen)

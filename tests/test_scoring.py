@@ -115,6 +115,31 @@ def test_partial_and_new_runs_are_scored(table):
     assert "no checkpoint before the horizon" in late["explanation"]
 
 
+def test_label_cli_on_a_suite_uses_the_suites_rule(tmp_path, capsys):
+    """`polymap label SUITE --metric val_loss` agrees with the suite's manifest rule: a
+    healthy run 0.0155 nats above the others late (under the suite's 0.03-nat band) is
+    not marked, though the generic default (10% of a small late change) would mark it."""
+    from polymap.suite import instability_labels, run_logs
+
+    rng = np.random.default_rng(0)
+    steps = np.arange(0, 401, 10)
+    for r in range(10):
+        run = tmp_path / "suite" / f"nano-seed{r}"
+        run.mkdir(parents=True)
+        loss = 3 + np.exp(-steps / 50) + rng.normal(0, 0.0005, len(steps))
+        loss = loss + (0.0155 * (steps >= 195) if r == 9 else 0)
+        pd.DataFrame({"step": steps, "val_loss": loss}).to_csv(run / "eval_log.csv", index=False)
+    out = tmp_path / "labels.csv"
+    assert main(["label", str(tmp_path / "suite"), "--metric", "val_loss", "--out", str(out)]) == 0
+    assert "the suite's rule (gap 0.03 nats" in capsys.readouterr().out
+    got = pd.read_csv(out).set_index("run")["unstable"]
+    manifest_rule = instability_labels(run_logs(tmp_path / "suite")).set_index("run")["unstable"]
+    pd.testing.assert_series_equal(got, manifest_rule.astype(bool), check_names=False)
+    assert not got.any()
+    generic = label_runs(run_logs(tmp_path / "suite"), "val_loss").set_index("run")["unstable"]
+    assert generic["nano-seed9"]  # what the old default said
+
+
 def test_label_cli_reads_train_logs(tmp_path, capsys):
     for r in range(4):
         run = tmp_path / "runs" / f"seed{r}"
@@ -184,6 +209,12 @@ def test_backtest_and_bad_inputs(table, tmp_path):
     assert (result["auroc"] == 1.0).all() and (result["average_precision"] == 1.0).all()
     assert result.loc[result["horizon"] == 0.25, "median_lead_steps"].item() >= 700
     assert (tmp_path / "backtest.csv").exists() and (tmp_path / "backtest.png").exists()
+    # paths wherever a table is taken: the same answer from files
+    table.to_parquet(tmp_path / "features.parquet")
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    again = backtest(tmp_path / "features.parquet", tmp_path / "labels.csv", horizons=(0.25,),
+                     phase_model=model)  # fmt: skip
+    assert again["auroc"].tolist() == result.loc[result["horizon"] == 0.25, "auroc"].tolist()
     with pytest.raises(ScoringError, match="at least 3"):
         score_runs(table[table["run"].isin(["run0", "run1"])], 2)
     with pytest.raises(ScoringError, match="not in the features table"):

@@ -23,7 +23,9 @@ Columns are ``eval.<task>.<metric>`` for zero-shot results and
 ``eval.<k>shot.<task>.<metric>`` for k-shot ones (the prefix is always kept for k > 0,
 so a column means the same thing whatever else was ingested). A metric computed under a
 non-default lm-eval filter is ``<metric>@<filter>``. Standard errors become
-``..._stderr`` columns with ``stderr=True``. When two files give the same (run, step,
+``..._stderr`` columns (kept by default: measurement noise is data - the phase
+model's noise rule, the labels' noise floor and the scorer's floors use them;
+``stderr=False`` drops them). When two files give the same (run, step,
 shots, task), the one with the latest timestamp (``date`` field, the timestamp in the
 file name, else the file's modification time) wins and the choice is reported.
 
@@ -370,7 +372,7 @@ def find_results_files(paths: Iterable[str | Path]) -> list[Path]:
 def ingest(
     paths: str | Path | Iterable[str | Path],
     manifest: str | Path | None = None,
-    stderr: bool = False,
+    stderr: bool = True,
 ) -> tuple[pd.DataFrame, IngestReport]:
     """Read every results file under ``paths`` into one FeatureTable (one row per run and
     step, ``eval.*`` columns) and an :class:`IngestReport` of problems and duplicates.

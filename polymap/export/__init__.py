@@ -50,7 +50,8 @@ def export(
 
     ``formats``: ``dot`` and ``json`` give ``training_map.dot/.json``; ``png``/``svg`` the
     training map and ``timelines`` in that format plus ``selection.png``,
-    ``features.png`` and ``risk.png``; ``html`` gives ``report.html`` (which needs the
+    ``features.png``, ``risk.png``, ``fingerprint.png`` and, with ``backtest``,
+    ``backtest.png``; ``html`` gives ``report.html`` (which needs the
     PNGs, so they are drawn too). ``highlight_run`` colours one run's path in the graph
     (default: the highest-risk flagged run). ``renderer``: ``matplotlib`` (default),
     ``graphviz`` (needs ``dot``) or ``auto``.
@@ -95,6 +96,8 @@ def export(
             (figures.risk_figure, [out / "risk.png"], {}),
             (figures.fingerprint, [out / "fingerprint.png"], {}),
         ]
+        if inputs.backtest is not None:
+            drawn.append((figures.backtest_figure, [out / "backtest.png"], {}))
         for draw, files, options in drawn:
             draw(inputs, files, **options)
             written += files

@@ -375,6 +375,16 @@ def plot_fingerprint(graph: dict, features: list[str] | None = None, n: int = 8,
     return fig
 
 
+def backtest_figure(inputs: ExportInputs, paths: list[Path] | None = None, ax=None):
+    """:func:`polymap.scoring.backtest.plot_backtest` of the export's ``--backtest``
+    table (AUROC, average precision and lead time per horizon); returns the Figure."""
+    from polymap.scoring.backtest import plot_backtest
+
+    if inputs.backtest is None:
+        raise ValueError("no backtest table given (polymap export --backtest BACKTEST.csv)")
+    return _saved(plot_backtest(inputs.backtest, ax=ax), paths)
+
+
 def fingerprint(inputs: ExportInputs, paths: list[Path] | None = None, ax=None):
     """:func:`plot_fingerprint` of the inputs' map; returns the Figure."""
     return _saved(plot_fingerprint(inputs.graph, ax=ax), paths)

@@ -30,6 +30,8 @@ SECTIONS = (
     ("risk.png", "Risk", "Runs ranked by outlier risk with their signals."),
     ("selection.png", "Model selection", "Held-out log-likelihood, BIC and AIC against K."),
     ("features.png", "Separating features", "The features that best separate the states."),
+    ("fingerprint.png", "State fingerprint", "Each state's mean of its most distinct features."),
+    ("backtest.png", "Backtest", "AUROC, average precision and lead time per horizon."),
 )
 
 
@@ -93,7 +95,7 @@ def write_report(inputs: ExportInputs, folder: Path, path: Path) -> Path:
             scores = scores[[c for c in scores.columns if c != "explanation"] + ["explanation"]]
         parts += ["<h2>Scores</h2>", _table(scores, inputs.flagged)]
     if inputs.backtest is not None:
-        parts += ["<h2>Backtest</h2>", _table(inputs.backtest)]
+        parts += ["<h2>Backtest, per horizon</h2>", _table(inputs.backtest)]
     parts += ["<h2>Training map, in words</h2>", f"<pre>{html.escape(inputs.describe)}</pre>"]
     parts.append("</body></html>")
     return write_text(path, "\n".join(parts))

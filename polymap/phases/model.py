@@ -332,15 +332,38 @@ def _canonical(model, X: np.ndarray, lengths: list[int]):
 
 
 def permute_states(model, order: list[int]):
-    """The same HMM with state ``order[i]`` renamed ``i``."""
+    """The same HMM with state ``order[i]`` renamed ``i`` (full covariances made exactly
+    symmetric with eigenvalues at least the fit's ``min_covar``: :func:`covariance_floor`)."""
     order = np.asarray(order)
     diag = model.covariance_type == "diag"
     covars = model.covars_[order]
     model.startprob_ = model.startprob_[order]
     model.transmat_ = model.transmat_[np.ix_(order, order)]
     model.means_ = model.means_[order]
-    model.covars_ = np.array([np.diag(c) for c in covars]) if diag else covars
+    if diag:
+        model.covars_ = np.array([np.diag(c) for c in covars])
+    else:
+        model.covars_ = covariance_floor(covars, getattr(model, "min_covar", 1e-3))
     return model
+
+
+def covariance_floor(covars: np.ndarray, floor: float) -> np.ndarray:
+    """Full covariance matrices (K x D x D) made symmetric with every eigenvalue at least
+    ``floor``: EM's M-step leaves a state that holds a few collinear checkpoints with a
+    matrix that is numerically indefinite (hmmlearn then refuses it: "must be symmetric,
+    positive-definite"); this is the regularisation hmmlearn's ``min_covar`` intends.
+
+    >>> c = np.array([[[1.0, 1.0], [1.0, 1.0 - 1e-12]]])        # singular, not quite PSD
+    >>> bool(np.linalg.eigvalsh(covariance_floor(c, 1e-3)).min() >= 1e-3 - 1e-12)
+    True
+    """
+    out = []
+    for c in np.asarray(covars, dtype=float):
+        c = (c + c.T) / 2
+        values, vectors = np.linalg.eigh(c)
+        c = (vectors * np.maximum(values, floor)) @ vectors.T
+        out.append((c + c.T) / 2)
+    return np.array(out)
 
 
 def emission_loglik(model, X: np.ndarray, clip: float | None = None) -> np.ndarray:

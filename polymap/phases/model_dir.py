@@ -22,6 +22,7 @@ import pandas as pd
 
 from polymap.atomic import write_csv, write_json, write_parquet
 from polymap.phases.graph import STATE_KEYS, TRANSITION_KEYS, training_map
+from polymap.table import as_table
 
 
 def read_graph(directory: str | Path, n_states: int | None = None) -> dict:
@@ -100,13 +101,14 @@ def write_model_dir(model, table: pd.DataFrame, directory: str | Path) -> Path:
 
 
 def fit_model_dir(
-    table: pd.DataFrame, directory: str | Path, group_by: str | None = None, **params
+    table: pd.DataFrame | str | Path, directory: str | Path, group_by: str | None = None, **params
 ) -> dict:
     """Fit and write a model directory; with ``group_by``, one model per group value in
     ``directory/<value>/`` plus ``groups.json``. Returns ``{group: PhaseModel}``."""
     from polymap.phases.model import PhaseModel
     from polymap.phases.preprocess import PhaseInputError
 
+    table = as_table(table)
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise PhaseInputError(f"--out {directory} exists and is not a directory")

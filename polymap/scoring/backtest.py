@@ -21,6 +21,7 @@ import pandas as pd
 from polymap.atomic import atomic_file, write_csv
 from polymap.scoring.score import ScoringError
 from polymap.scoring.scorer import RiskScorer
+from polymap.table import as_table
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def score_groups(scorers: dict[str, RiskScorer], group_by: str | None, **cut) ->
 
 
 def backtest(
-    features: pd.DataFrame,
+    features: pd.DataFrame | str | Path,
     labels: pd.DataFrame | str | Path,
     horizons: tuple[float, ...] = (0.1, 0.25, 0.5),
     out: str | Path | None = None,
@@ -118,6 +119,7 @@ def backtest(
     from sklearn.metrics import average_precision_score, roc_auc_score
     from tqdm.auto import tqdm
 
+    features = as_table(features)
     runs = sorted(features["run"].astype(str).unique())
     labels = read_labels(labels, runs)
     params = dict(alpha=alpha, random_state=random_state, n_jobs=n_jobs, progress=progress)
@@ -190,8 +192,9 @@ def plot_backtest(table: pd.DataFrame, ax=None):
     fig = ax.figure
     h = table["horizon"].to_numpy(float)
     ax.plot(h, table["auroc"], "o-", color="#0072B2", ms=7, lw=1.6, label="AUROC", zorder=3)
-    ax.plot(h, table["average_precision"], "s--", color="#D55E00", ms=9, mfc="none", mew=1.8,
-            lw=1.4, label="average precision", zorder=4)  # fmt: skip
+    if "average_precision" in table.columns:
+        ax.plot(h, table["average_precision"], "s--", color="#D55E00", ms=9, mfc="none",
+                mew=1.8, lw=1.4, label="average precision", zorder=4)  # fmt: skip
     ax.axhline(0.5, color="#0072B2", lw=0.8, ls=":", label="AUROC chance (0.5)")
     if {"n_unstable", "n_runs"} <= set(table.columns) and len(table):
         base = float(table["n_unstable"].iloc[0]) / max(1.0, float(table["n_runs"].iloc[0]))

@@ -547,13 +547,24 @@ def describe_scorer(directory) -> str:
     params = meta.get("params", {})
     deviation = meta.get("features", [])
     performance = meta.get("performance_features", [])
+    source = meta.get("features_source", "every feature column")
     lines = [
         f"Risk scorer: flags at alpha {params.get('alpha', 0.05):g} per run over all its looks; "
-        f"deviation columns: {len(deviation)} ({_listed(deviation)}); performance columns: "
-        f"{len(performance)} ({_listed(performance)})."
+        f"deviation columns: {len(deviation)}, {source} ({_listed(deviation)}); "
+        f"performance columns: {len(performance)} ({_listed(performance)})."
     ]
     if calibration.get("self_check"):
         lines.append(self_check_text(calibration["self_check"]))
+    pooling = meta.get("pooling")
+    if pooling and pooling.get("check"):
+        check = pooling["check"]
+        per = ", ".join(f"{g} {c['flagged']}/{c['runs']}" for g, c in check["groups"].items())
+        lines.append(
+            f"Pooled reference: {check['runs']} runs in {len(check['groups'])} groups by "
+            f"{pooling['by']!r}, each standardised by its own group; leaving each group out, "
+            f"{check['flagged']} of {check['runs']} runs were flagged as new runs "
+            f"({check['rate']:.3f}, SE at alpha {check['se']:.3f}; {per})."
+        )
     return "\n".join(lines)
 
 

@@ -44,6 +44,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -51,6 +52,7 @@ import pandas as pd
 from polymap.errors import UsageError
 from polymap.phases.preprocess import UNCERTAINTY_SUFFIX
 from polymap.robust import median_mad
+from polymap.table import as_table
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +147,7 @@ def floor_end(
 
 
 def label_runs(
-    table: pd.DataFrame,
+    table: pd.DataFrame | str | Path,
     metric: str,
     after_step: int | None = None,
     higher_is_better: bool | None = None,
@@ -169,6 +171,7 @@ def label_runs(
     >>> label_runs(t, "acc", lasting=2)["unstable"].tolist()
     [False, False, True]
     """
+    table = as_table(table)
     for column in ("run", "step", metric):
         if column not in table.columns:
             metrics = [

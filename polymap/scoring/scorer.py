@@ -92,6 +92,8 @@ from polymap.phases.model import PhaseModel
 from polymap.phases.preprocess import UNCERTAINTY_SUFFIX, PhaseInputError, usable_rows
 from polymap.robust import MAD_SCALE, median_mad
 from polymap.scoring.calibration import AnyLookCalibration, evidence_curves, persistent
+from polymap.scoring.curves import interpolate_run as _interpolate
+from polymap.scoring.pooling import GroupStandardiser, PoolingError, check_exchangeable
 from polymap.scoring.score import ScoringError, horizon_step, path_disagreement
 from polymap.table import as_table, feature_columns
 
@@ -108,6 +110,7 @@ FEATURE_FLOOR = 0.05
 MIN_DISTINCT = 8
 SCORER_FORMAT = "polymap.RiskScorer"
 SCORER_VERSION = 1
+POOLED_MAP = "pooled_map"  # sub-directory: the map a pooled scorer uses
 SCORER_JSON = "scorer.json"
 # not early-warning evidence: ``drift`` looks at the run's final checkpoint; standard
 # errors and non-finite counters describe a measurement, not the training state
@@ -330,33 +333,6 @@ def _column_quantiles(values: np.ndarray, qs: tuple[float, ...]) -> list[np.ndar
     return out
 
 
-def _interpolate(tx: np.ndarray, run: pd.DataFrame, features: list[str]) -> np.ndarray:
-    """One run's features at ``tx`` (log1p steps), linear in log step (NaN outside the
-    run's steps): one weight computation for all complete columns, ``np.interp`` on the
-    finite values of columns with gaps."""
-    sx = np.log1p(run["step"].to_numpy(float))
-    sv = run[features].to_numpy(float)
-    out = np.full((len(tx), len(features)), np.nan)
-    finite = np.isfinite(sv)
-    complete = finite.all(axis=0)
-    if len(sx) == 1:
-        out[:, complete] = sv[0, complete]
-    elif complete.any():
-        right = np.clip(np.searchsorted(sx, tx, side="right"), 1, len(sx) - 1)
-        left = right - 1
-        width = sx[right] - sx[left]
-        frac = np.clip(
-            np.where(width > 0, (tx - sx[left]) / np.where(width > 0, width, 1), 0), 0, 1
-        )
-        block = sv[:, complete]
-        out[:, complete] = block[left] + frac[:, None] * (block[right] - block[left])
-    for j in np.flatnonzero(~complete & (finite.sum(axis=0) >= 1)):
-        ok = finite[:, j]
-        out[:, j] = np.interp(tx, sx[ok], sv[ok, j])
-    out[(tx < sx[0]) | (tx > sx[-1]), :] = np.nan
-    return out
-
-
 def _range_floor(others: pd.DataFrame, features: list[str], fraction: float) -> np.ndarray:
     """``fraction`` x each feature's inter-quartile range over ``others`` (its standard
     deviation when that range is 0), at least 1e-12."""
@@ -574,7 +550,10 @@ class RiskScorer(BaseEstimator):
         unfitted: cloned and fitted on the reference; None: ``PhaseModel()`` (K selected).
         The leave-one-run-out models are clones of it with K fixed.
     features : str or list, optional
-        Columns of the deviation signal (default :func:`scoring_features`).
+        Columns of the deviation signal (sets or columns; ``"all"``: every feature column,
+        :func:`scoring_features`). Default: the map's columns when ``phase_model`` was
+        given a ``features`` list (the risk is about what the map is about), else every
+        feature column.
     performance : str or list, optional
         Columns of the performance signal: ``"auto"`` (default: the probe's loss and
         token accuracy and every ``eval.*`` score the table has,
@@ -590,6 +569,12 @@ class RiskScorer(BaseEstimator):
         smooth features (a loss, a norm) and raises false alarms: measured in the README
         ("The floor"), 0.01 finds all ``data_repeat:0.4`` runs at 25% but flags 6 of 96
         healthy-suite scorings instead of 5.
+    pool_by : str, optional
+        A column naming each run's group (model size, data order): pool the groups into
+        one reference after per-group standardisation (:mod:`polymap.scoring.pooling`),
+        only when the leave-one-group-out check finds them exchangeable at ``alpha``
+        (else :class:`~polymap.scoring.pooling.PoolingError`). The map is then fitted
+        on the standardised runs; targets need the column and a group the reference has.
     n_jobs : int
         joblib workers for the leave-one-run-out fits.
     random_state : int
@@ -613,6 +598,8 @@ class RiskScorer(BaseEstimator):
         row's Viterbi state on whole runs (-1: none); saved
     reference_performance_ : dict run -> (steps, signed z) of each reference run's
         performance columns against the other whole runs (saved, like ``reference_z_``)
+    pooling_ : GroupStandardiser or None (``pool_by``)
+    pool_check_ : dict or None: the leave-one-group-out check (rate, SE, per group)
     """
 
     def __init__(
@@ -626,6 +613,7 @@ class RiskScorer(BaseEstimator):
         persistence: int = 3,
         top_k: int = 5,
         feature_floor: float = FEATURE_FLOOR,
+        pool_by: str | None = None,
         n_jobs: int = 1,
         random_state: int = 0,
         progress: bool = False,
@@ -638,6 +626,7 @@ class RiskScorer(BaseEstimator):
         self.persistence = persistence
         self.top_k = top_k
         self.feature_floor = feature_floor
+        self.pool_by = pool_by
         self.n_jobs = n_jobs
         self.random_state = random_state
         self.progress = progress
@@ -662,7 +651,13 @@ class RiskScorer(BaseEstimator):
         model = self.phase_model
         if model is None:
             model = PhaseModel(random_state=self.random_state, n_jobs=self.n_jobs)
-        features = scoring_features(table, self.features)
+        self.pooling_, self.pool_check_ = None, None
+        raw = table
+        if self.pool_by is not None:
+            table = self._pool(table)
+            model = clone(model)  # a map of the standardised runs, not of raw sizes
+        self.features_source_, chosen = self._deviation_spec(model)
+        features = scoring_features(table, chosen)
         self.broken_ = broken_rows(table, features)
         clean = table.drop(index=self.broken_.index)
         clean = usable_rows(clean)
@@ -684,7 +679,9 @@ class RiskScorer(BaseEstimator):
         self.performance_features_ = [f for f in performance if f not in discrete]
         self.reference_ = clean
         starts = list(dict.fromkeys(self.features_ + self.performance_features_))
-        self.feature_start_ = floor_ends(clean, starts)
+        # where an eval leaves its floor: on the runs' own values, pooled or not
+        own = usable_rows(raw.drop(index=self.broken_.index)) if raw is not table else clean
+        self.feature_start_ = floor_ends(own, starts)
         self.loo_models_ = self._fit_loo(clean, None)
         self.reference_z_ = self._whole_run_z()
         self.reference_performance_ = self._whole_run_performance()
@@ -694,6 +691,50 @@ class RiskScorer(BaseEstimator):
         self._null_cache: dict = {}
         self._null_z: dict = {}
         return self
+
+    def _deviation_spec(self, model: PhaseModel | None) -> tuple[str, str | list[str] | None]:
+        """Where the deviation's columns come from, and their spec for
+        :func:`scoring_features`: ``features`` when given (``"all"``: every column),
+        else the map's own columns when the map was fitted on a chosen list (a risk about
+        the columns the user chose), else every column."""
+        if self.features == "all":
+            return "all columns (features='all')", None
+        if self.features is not None:
+            return "chosen for the scorer (features=...)", self.features
+        chosen = getattr(model, "features", None)
+        if chosen is not None:
+            return "the map's (fitted on a chosen list)", chosen
+        return "every feature column (default)", None
+
+    def _pool(self, table: pd.DataFrame) -> pd.DataFrame:
+        """The reference standardised per ``pool_by`` group, after the leave-one-group-out
+        exchangeability check (:func:`~polymap.scoring.pooling.check_exchangeable`)."""
+        columns = scoring_features(table, self._deviation_spec(self.phase_model)[1])
+        columns += performance_features(table, self.performance)
+        standardiser = GroupStandardiser(self.pool_by).fit(table, list(dict.fromkeys(columns)))
+        standardised = standardiser.transform(table, leave_out=True)
+        params = {**self.get_params(deep=False), "pool_by": None, "progress": False}
+        template = params.pop("phase_model")
+
+        def factory() -> RiskScorer:
+            return RiskScorer(**params, phase_model=None if template is None else clone(template))
+
+        check = check_exchangeable(factory, standardised, self.pool_by, self.alpha)
+        groups = ", ".join(f"{g} {c['flagged']}/{c['runs']}" for g, c in check["groups"].items())
+        if not check["passed"]:
+            raise PoolingError(
+                f"pool_by={self.pool_by!r}: the groups are not exchangeable after "
+                f"standardisation: leaving each group out, {check['flagged']} of "
+                f"{check['runs']} runs were flagged as new runs ({check['rate']:.3f} > alpha "
+                f"{self.alpha} + 2 SE {check['se']:.3f}; {groups}); fit one scorer per group "
+                "(polymap fit --group-by)"
+            )
+        log.info(
+            "pooled %d groups by %s: leave-one-group-out check %d/%d flagged (%s)",
+            len(check["groups"]), self.pool_by, check["flagged"], check["runs"], groups,
+        )  # fmt: skip
+        self.pooling_, self.pool_check_ = standardiser, check
+        return standardised
 
     # -- the calibrated decision (polymap.scoring.calibration) ----------------------------
     def _fit_calibration(self) -> AnyLookCalibration:
@@ -1098,6 +1139,8 @@ class RiskScorer(BaseEstimator):
         for key in ("run", "step"):
             if key not in targets.columns:
                 raise ScoringError(f"the target table has no {key!r} column")
+        if getattr(self, "pooling_", None) is not None:
+            targets = self.pooling_.transform(targets)
         features = [f for f in self.features_ if f in targets.columns]
         missing = [f for f in self.features_ if f not in targets.columns]
         if not features:
@@ -1163,6 +1206,8 @@ class RiskScorer(BaseEstimator):
         directory.mkdir(parents=True, exist_ok=True)
         if not (directory / "model.json").exists():
             self.phase_model_.save(directory)
+        if self.pooling_ is not None:  # the map of the standardised runs, beside the user's
+            self.phase_model_.save(directory / POOLED_MAP)
         params = {k: v for k, v in self.get_params(deep=False).items() if k != "phase_model"}
         arrays, loo = {}, {}
         for i, (run, model) in enumerate(self.loo_models_.items()):
@@ -1176,11 +1221,14 @@ class RiskScorer(BaseEstimator):
             arrays[f"p{i}.state"] = self.reference_paths_[run]
         arrays["pfull.state"] = self.reference_paths_[None]
         arrays.update(self.calibration_.to_arrays())
+        if self.pooling_ is not None:
+            arrays.update(self.pooling_.to_arrays())
         meta = {
             "format": SCORER_FORMAT,
             "format_version": SCORER_VERSION,
             "params": params,
             "features": self.features_,
+            "features_source": self.features_source_,
             "degenerate_features": self.degenerate_features_,
             "performance_features": self.performance_features_,
             "feature_start": {  # null: the runs never leave that eval's floor
@@ -1188,6 +1236,9 @@ class RiskScorer(BaseEstimator):
             },
             "loo_models": loo,
             "calibration": self.calibration_.to_meta(),
+            "pooling": None
+            if self.pooling_ is None
+            else {**self.pooling_.to_meta(), "check": self.pool_check_},
         }
         with atomic_file(directory / "scorer.npz") as tmp:
             np.savez(tmp, **arrays)
@@ -1220,10 +1271,15 @@ class RiskScorer(BaseEstimator):
                 f"{path}: scorer format version {meta.get('format_version')!r} is not "
                 f"supported (this polymap reads {SCORER_VERSION}); refit with `polymap fit`"
             )
-        phase_model = PhaseModel.load(directory)
+        pooling = meta.get("pooling")
+        phase_model = PhaseModel.load(directory / POOLED_MAP if pooling else directory)
         scorer = cls(phase_model=phase_model, **meta["params"])
         with np.load(directory / "scorer.npz", allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
+        scorer.pooling_, scorer.pool_check_ = None, None
+        if pooling:
+            scorer.pooling_ = GroupStandardiser.from_saved(pooling, arrays)
+            scorer.pool_check_ = pooling.get("check")
         scorer.loo_models_ = {}
         z_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         perf_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -1248,6 +1304,7 @@ class RiskScorer(BaseEstimator):
                 perf_cache[run] = (arrays[f"{q}steps"], arrays[f"{q}z"])
         scorer.phase_model_ = phase_model
         scorer.features_ = meta["features"]
+        scorer.features_source_ = meta.get("features_source", "every feature column (default)")
         scorer.degenerate_features_ = meta["degenerate_features"]
         scorer.performance_features_ = performance
         scorer.feature_start_ = {
