@@ -41,6 +41,7 @@ from polymap.checkpoints import (
     fingerprint,
     hub,
     materialize,
+    open_checkpoint,
     read_config,
 )
 from polymap.checkpoints.prefetch import HubPrefetcher
@@ -104,7 +105,7 @@ def extract_checkpoint(
     try:
         with ExitStack() as stack:
             directory = stack.enter_context(materialize(ref, delete_after=delete_after))
-            reader = stack.enter_context(TensorReader(directory))
+            reader = stack.enter_context(open_checkpoint(directory))
             initial_reader = _open_other(stack, initial, ref, "step-0", warnings)
             final_reader = _open_other(stack, final, ref, "final", warnings)
             try:
@@ -158,7 +159,7 @@ def _open_other(stack, other: CheckpointRef | None, ref: CheckpointRef, what: st
     if other is None:
         return None
     try:
-        return stack.enter_context(TensorReader(stack.enter_context(materialize(other))))
+        return stack.enter_context(open_checkpoint(stack.enter_context(materialize(other))))
     except CheckpointError as err:
         warnings.append(f"{what} checkpoint unreadable, features comparing with it skipped ({err})")
         return None

@@ -201,6 +201,44 @@ register_architecture(
 )
 
 
+register_architecture(
+    Architecture(
+        name="torchtitan_llama",
+        model_types=("torchtitan_llama",),
+        rules=(
+            (r"(^|\.)tok_embeddings\.", "embed"),
+            (r"(^|\.)output\.", "unembed"),
+            (r"(attention_norm|ffn_norm|(^|\.)norm)\.", "norm"),
+            (r"attention\.(wq|wk|wv)\.", "attn_qkv"),
+            (r"attention\.wo\.", "attn_out"),
+            (r"feed_forward\.(w1|w3)\.", "mlp_in"),
+            (r"feed_forward\.w2\.", "mlp_out"),
+        ),
+        layer_pattern=r"layers\.(\d+)\.",
+        buffers=(r"(^|\.)freqs_cis$",),
+        signature=r"attention\.wq\.|(^|\.)tok_embeddings\.",
+    )
+)
+
+register_architecture(
+    Architecture(
+        name="olmo_core",
+        model_types=("olmo_core",),
+        rules=(
+            (r"(^|\.)embeddings\.", "embed"),
+            (r"lm_head\.w_out\.", "unembed"),
+            (r"(attention_norm|feed_forward_norm|q_norm|k_norm|lm_head\.norm)\.", "norm"),
+            (r"attention\.(w_q|w_k|w_v|w_qkv)\.", "attn_qkv"),
+            (r"attention\.w_out\.", "attn_out"),
+            (r"feed_forward\.(w1|w3)\.", "mlp_in"),
+            (r"feed_forward\.w2\.", "mlp_out"),
+        ),
+        layer_pattern=r"blocks\.(\d+)\.",
+        signature=r"attention\.w_q\.|lm_head\.w_out\.",
+    )
+)
+
+
 _BUILTIN = dict(_REGISTRY)  # polymap's own tables, as registered above
 
 

@@ -1,5 +1,6 @@
 """Where checkpoints come from and how their tensors are read."""
 
+from polymap.checkpoints.dcp import DCPReader, open_checkpoint
 from polymap.checkpoints.local import SourceError, discover_local, read_manifest
 from polymap.checkpoints.pythia import (
     parse_pythia_repo,
@@ -29,12 +30,14 @@ __all__ = [
     "as_refs",
     "CheckpointError",
     "CheckpointRef",
+    "DCPReader",
     "SourceError",
     "TensorReader",
     "UnsafeCheckpointError",
     "discover_local",
     "fingerprint",
     "materialize",
+    "open_checkpoint",
     "parse_pythia_repo",
     "parse_step",
     "parse_steps",

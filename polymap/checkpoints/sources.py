@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from polymap.checkpoints import hub
+from polymap.checkpoints.dcp import METADATA, dcp_directory
 from polymap.checkpoints.local import SourceError, discover_local, read_manifest
 from polymap.checkpoints.pythia import (
     POLYPYTHIA_SEEDS,
@@ -136,7 +137,11 @@ def fingerprint(ref: CheckpointRef) -> str:
     directory = Path(ref.location)
     parts = []
     try:
-        files = weight_files(directory) + [directory / "config.json"]
+        dcp = dcp_directory(directory)
+        if dcp is not None:  # a torch.distributed.checkpoint: its metadata and shards
+            files = [dcp / METADATA, *sorted(dcp.glob("*.distcp")), directory / "config.json"]
+        else:
+            files = weight_files(directory) + [directory / "config.json"]
     except (OSError, ValueError, CheckpointError):
         # a corrupt shard index: identify the directory's contents instead, so fixing
         # the index changes the fingerprint and the checkpoint is extracted again
