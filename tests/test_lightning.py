@@ -7,16 +7,16 @@ import pytest
 
 pytest.importorskip("lightning")
 
-import lightning as L  # noqa: E402
+import lightning  # noqa: E402
 import torch  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
-
-from polymap.scoring import RiskScorer  # noqa: E402
 from tiny_data import RandomTokens  # noqa: E402
 
+from polymap.scoring import RiskScorer  # noqa: E402
 
-class TinyLM(L.LightningModule):
+
+class TinyLM(lightning.LightningModule):
     def __init__(self, model, lr: float = 1e-2):
         super().__init__()
         self.model, self.lr = model, lr
@@ -46,7 +46,7 @@ def test_lightning_callback_logs_and_matches_score_until_step(tmp_path):
     model = tiny_model("gpt_neox", seed=7)
     callback = PolymapRiskCallback(reference, tmp_path / "model", run="live")
     data = torch.utils.data.DataLoader(RandomTokens(model.config.vocab_size), batch_size=4)
-    trainer = L.Trainer(
+    trainer = lightning.Trainer(
         max_steps=20, accelerator="cpu", logger=CSVLogger(tmp_path / "logs"),
         callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=5,
                                    save_top_k=-1), callback],
