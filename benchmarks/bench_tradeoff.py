@@ -13,6 +13,7 @@ look), passed as ``--nulls F``. Both are printed as one markdown table, one row 
     python benchmarks/bench_calibration.py --studies 25 --alpha 0.01,0.05,0.1,0.2 \\
         --out benchmarks/out/tradeoff/nulls.csv
     python benchmarks/bench_tradeoff.py --healthy 12 --nulls benchmarks/out/tradeoff/nulls.csv \\
+        --nulls benchmarks/out/tradeoff/nulls-heldout.csv \\
         --cases lr_schedule-3,adam_eps-3.25,weight_decay-2,data_repeat-0.4,precision-6
 """
 
@@ -67,53 +68,67 @@ def zoo_curve(root: Path, cfg: dict, chosen: set[str], alphas, horizon: float, j
 def _fraction(k: int, n: int) -> str:
     rate = k / n if n else math.nan
     se = math.sqrt(max(rate, 1e-9) * (1 - rate) / n) if n else math.nan
-    return f"{k}/{n} = {rate:.2f} ± {se:.2f}"
+    return f"{k}/{n} = {rate:.3f} ± {se:.3f}"
 
 
-def curve_table(zoo: pd.DataFrame, nulls: pd.DataFrame | None) -> pd.DataFrame:
-    """One row per alpha: the nulls' any-look false-alarm rate (pooled and the worst
-    family x mode) beside the zoo's recall and healthy runs flagged."""
+def _null_columns(nulls: pd.DataFrame, alpha: float, label: str) -> dict:
+    """The nulls' any-look false-alarm rate at ``alpha``: pooled, and the worst family x mode."""
+    null = nulls[np.isclose(nulls["alpha"], alpha)]
+    if not len(null):
+        return {}
+    rates = null.groupby(["family", "mode"])["any look"].mean()
+    worst = rates.idxmax()
+    n_worst = int((null["family"].eq(worst[0]) & null["mode"].eq(worst[1])).sum())
+    return {
+        f"{label}: any-look FA, both modes": _fraction(int(null["any look"].sum()), len(null)),
+        f"{label}: worst family x mode": f"{rates.max():.3f} ({worst[0]}, {worst[1]}, n={n_worst})",
+    }
+
+
+def curve_table(zoo: pd.DataFrame, nulls: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """One row per alpha: each null set's any-look false-alarm rate (pooled and the
+    worst family x mode) beside the zoo's recall and healthy runs flagged."""
     rows = []
     for alpha, part in zoo.groupby("alpha"):
         row = {"alpha": alpha}
-        if nulls is not None:
-            null = nulls[np.isclose(nulls["alpha"], alpha)]
-            if len(null):
-                rates = null.groupby(["family", "mode"])["any look"].mean()
-                worst = rates.idxmax()
-                row["null any-look FA (all families, both modes)"] = _fraction(
-                    int(null["any look"].sum()), len(null)
-                )
-                n_worst = int((null["family"].eq(worst[0]) & null["mode"].eq(worst[1])).sum())
-                row["worst family"] = f"{rates.max():.3f} ({worst[0]}, {worst[1]}, n={n_worst})"
-        row["zoo recall at 25%"] = _fraction(
+        for label, table in nulls.items():
+            row.update(_null_columns(table, alpha, label))
+        row["zoo: unstable flagged by 25%"] = _fraction(
             int(part["unstable flagged"].sum()), int(part["unstable"].sum())
         )
-        row["zoo healthy flagged"] = _fraction(
+        row["zoo: healthy flagged by 25%"] = _fraction(
             int(part["healthy flagged"].sum()), int(part["healthy"].sum())
         )
         rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).fillna("-")
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--healthy", type=int, default=60, help="as bench_scorer.py")
     parser.add_argument("--planted", type=int, default=3, help="as bench_scorer.py")
-    parser.add_argument("--cases", required=True, help="comma list of DEFECT-STRENGTH")
+    parser.add_argument("--cases", default="", help="comma list of DEFECT-STRENGTH")
     parser.add_argument("--alpha", default="0.01,0.05,0.1,0.2")
     parser.add_argument("--horizon", type=float, default=0.25)
-    parser.add_argument("--nulls", type=Path, default=None, help="bench_calibration.py --out")
+    parser.add_argument(
+        "--nulls", type=Path, action="append", default=[],
+        help="bench_calibration.py --out CSV (repeat: the development families, then the "
+        "held-out ones); labelled by file name",
+    )  # fmt: skip
+    parser.add_argument("--zoo", type=Path, default=None, help="reuse a zoo.csv of a run before")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=HERE / "out" / "tradeoff")
     args = parser.parse_args(argv)
     alphas = tuple(float(a) for a in args.alpha.split(","))
-    cfg = config(args)
-    root = build_zoo(cfg, args.jobs)
-    zoo = zoo_curve(root, cfg, set(args.cases.split(",")), alphas, args.horizon, args.jobs)
     args.out.mkdir(parents=True, exist_ok=True)
-    zoo.to_csv(args.out / "zoo.csv", index=False)
-    nulls = pd.read_csv(args.nulls) if args.nulls else None
+    if args.zoo is not None:
+        zoo = pd.read_csv(args.zoo)
+    else:
+        cfg = config(args)
+        root = build_zoo(cfg, args.jobs)
+        zoo = zoo_curve(root, cfg, set(args.cases.split(",")), alphas, args.horizon, args.jobs)
+        zoo.to_csv(args.out / "zoo.csv", index=False)
+    nulls = {path.stem: pd.read_csv(path) for path in args.nulls}
     table = curve_table(zoo, nulls)
     (args.out / "curve.md").write_text(table.to_markdown(index=False) + "\n")
     print(table.to_markdown(index=False))
