@@ -11,7 +11,7 @@ import lightning  # noqa: E402
 import torch  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
-from tiny_data import RandomTokens  # noqa: E402
+from tiny_data import RandomTokens, tiny_reference  # noqa: E402
 
 from polymap.scoring import RiskScorer  # noqa: E402
 
@@ -32,16 +32,10 @@ class TinyLM(lightning.LightningModule):
 
 @pytest.mark.slow
 def test_lightning_callback_logs_and_matches_score_until_step(tmp_path):
-    import polymap
-    from polymap.phases import fit_model_dir
     from polymap.scoring.lightning import PolymapRiskCallback
-    from polymap.synthetic import make_tiny_run, tiny_model
+    from polymap.synthetic import tiny_model
 
-    for seed in range(4):
-        make_tiny_run(tmp_path / "ref" / f"seed{seed}", steps=(0, 5, 10, 15, 20), seed=seed)
-    reference = polymap.extract(tmp_path / "ref", features="hu2023", device="cpu", progress=False)
-    (phase_model,) = fit_model_dir(reference, tmp_path / "model", n_states=1, restarts=1).values()
-    RiskScorer(phase_model=phase_model).fit(reference).save(tmp_path / "model")
+    reference = tiny_reference(tmp_path)
 
     model = tiny_model("gpt_neox", seed=7)
     callback = PolymapRiskCallback(reference, tmp_path / "model", run="live")

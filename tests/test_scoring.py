@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from tiny_data import RandomTokens
+from tiny_data import RandomTokens, tiny_reference
 
 from polymap.cli import main
 from polymap.phases import PhaseModel
@@ -301,16 +301,10 @@ def test_cli_score_label_backtest(table, tmp_path, capsys):
 
 
 def test_online_monitor_and_trainer_callback(tmp_path):
-    import polymap
-    from polymap.phases import fit_model_dir
     from polymap.scoring.online import InstabilityWarning, RiskMonitor, risk_callback
-    from polymap.synthetic import make_tiny_run, tiny_model
+    from polymap.synthetic import tiny_model
 
-    for seed in range(4):
-        make_tiny_run(tmp_path / "ref" / f"seed{seed}", steps=(0, 1, 2, 4), seed=seed)
-    reference = polymap.extract(tmp_path / "ref", features="hu2023", device="cpu", progress=False)
-    (phase_model,) = fit_model_dir(reference, tmp_path / "model", n_states=1, restarts=1).values()
-    RiskScorer(phase_model=phase_model).fit(reference).save(tmp_path / "model")
+    reference = tiny_reference(tmp_path, steps=(0, 1, 2, 4))
     monitor = RiskMonitor(reference, tmp_path / "model", run="live", alpha=0.05)
     model = tiny_model("gpt_neox", seed=11)
     first = monitor.observe(model, step=0)
@@ -347,16 +341,10 @@ def _train(model, out, callback_args, max_steps=20):
 
 @pytest.mark.slow
 def test_trainer_callback_reaches_tensorboard(tmp_path):
-    import polymap
-    from polymap.phases import fit_model_dir
     from polymap.scoring.online import ArchitectureMismatchWarning
-    from polymap.synthetic import make_tiny_run, tiny_model
+    from polymap.synthetic import tiny_model
 
-    for seed in range(4):
-        make_tiny_run(tmp_path / "ref" / f"seed{seed}", steps=(0, 5, 10, 15, 20), seed=seed)
-    reference = polymap.extract(tmp_path / "ref", features="hu2023", device="cpu", progress=False)
-    (phase_model,) = fit_model_dir(reference, tmp_path / "model", n_states=1, restarts=1).values()
-    RiskScorer(phase_model=phase_model).fit(reference).save(tmp_path / "model")
+    reference = tiny_reference(tmp_path)
     trainer, callback = _train(tiny_model("gpt_neox", seed=7), tmp_path / "out",
                                (reference, tmp_path / "model", "live"))  # fmt: skip
     # through Trainer.log: in the log history and in the TensorBoard event file
@@ -519,16 +507,8 @@ def test_stop_decision_reaches_every_rank(tmp_path):
     import subprocess
     import sys
 
-    import polymap
-    from polymap.phases import fit_model_dir
-    from polymap.synthetic import make_tiny_run
-
-    for seed in range(4):
-        make_tiny_run(tmp_path / "ref" / f"seed{seed}", steps=(0, 5, 10, 15, 20), seed=seed)
-    reference = polymap.extract(tmp_path / "ref", features="hu2023", device="cpu", progress=False)
+    reference = tiny_reference(tmp_path)
     reference.to_parquet(tmp_path / "reference.parquet")
-    (phase_model,) = fit_model_dir(reference, tmp_path / "model", n_states=1, restarts=1).values()
-    RiskScorer(phase_model=phase_model).fit(reference).save(tmp_path / "model")
     worker = Path(__file__).with_name("ddp_stop_worker.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
            "2", str(worker), str(tmp_path)]  # fmt: skip

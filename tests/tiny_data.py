@@ -17,3 +17,23 @@ class RandomTokens(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def tiny_reference(root, steps=(0, 5, 10, 15, 20), seeds: int = 4):
+    """``seeds`` tiny GPT-NeoX runs under ``root/ref``, their hu2023 features, a one-state
+    map and its scorer saved in ``root/model`` (what the online tests score against).
+    Returns the reference table."""
+    from pathlib import Path
+
+    import polymap
+    from polymap.phases import fit_model_dir
+    from polymap.scoring import RiskScorer
+    from polymap.synthetic import make_tiny_run
+
+    root = Path(root)
+    for seed in range(seeds):
+        make_tiny_run(root / "ref" / f"seed{seed}", steps=steps, seed=seed)
+    reference = polymap.extract(root / "ref", features="hu2023", device="cpu", progress=False)
+    (phase_model,) = fit_model_dir(reference, root / "model", n_states=1, restarts=1).values()
+    RiskScorer(phase_model=phase_model).fit(reference).save(root / "model")
+    return reference
