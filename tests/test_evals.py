@@ -485,3 +485,33 @@ def test_stderr_columns_floor_the_deviation_and_are_not_features():
                                  ["eval.t.acc"])  # fmt: skip
     assert noisy == pytest.approx(0.05 / 0.1, rel=0.1)  # within its own noise: z ~ 0.5
     assert exact > 10 * noisy
+
+
+def test_harness_runs_under_an_inherited_sigterm_handler(lm_eval_out, tmp_path):
+    """``ray.init`` leaves a SIGTERM handler that calls ``sys.exit``; lm-eval's forked
+    bootstrap pool then hung in ``terminate()`` (seen in the demo test after the Ray
+    tests). The harness runs with SIGTERM at its default and puts the handler back."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+        from polymap.evals.harness import run_harness
+        from polymap.evals.tasks import DEFAULT_TASK
+
+        def handler(signum, frame):  # what ray.init installs in the driver
+            sys.exit(signum)
+
+        signal.signal(signal.SIGTERM, handler)
+        report = run_harness([{str(lm_eval_out["suite"] / "pico-seed0")!r}], DEFAULT_TASK,
+                             {str(tmp_path / "out")!r}, include_path={str(lm_eval_out["tasks"])!r},
+                             steps="24", limit=16, device="cpu", progress=False)
+        assert not report.failed and len(report.written) == 1, report
+        assert signal.getsignal(signal.SIGTERM) is handler
+        print("restored")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, check=False)  # fmt: skip
+    assert done.returncode == 0 and "restored" in done.stdout, done.stderr[-3000:]

@@ -68,6 +68,26 @@ def _quiet_inner_bars():
         yield
 
 
+@contextmanager
+def _default_sigterm():
+    """SIGTERM at its default (terminate) while lm-eval runs. lm-eval bootstraps standard
+    errors in a forked ``multiprocessing.Pool`` whose ``terminate()`` relies on SIGTERM
+    killing the workers; a Python handler the process inherited (``ray.init`` installs
+    one that calls ``sys.exit``) makes a worker unwind instead, block on the pool's queue
+    lock, and the sweep hang forever. Only the main thread can set handlers."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def describe_checkpoint(ref: CheckpointRef) -> str:
     """``model_args`` naming a checkpoint (what ingestion reads run and step from).
 
@@ -141,7 +161,7 @@ def run_harness(
             report.skipped += 1
             continue
         try:
-            with materialize(ref) as local, _quiet_inner_bars():
+            with materialize(ref) as local, _quiet_inner_bars(), _default_sigterm():
                 lm = HFLM(pretrained=str(local), device=dev, batch_size=batch_size, dtype="float32")
                 tracker = EvaluationTracker(output_path=str(directory / "results.json"))
                 results = lm_eval.simple_evaluate(
