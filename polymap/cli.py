@@ -362,12 +362,10 @@ def _write_scores(scores, out: str) -> None:
 
 def _grouped(model_dir: str | None) -> str | None:
     """The ``group_by`` column of a grouped MODEL_DIR (``fit --group-by``), else None."""
-    import json
+    from polymap.phases.model_dir import read_groups
 
-    spec = Path(model_dir) / "groups.json" if model_dir else None
-    if spec is None or not spec.exists():
-        return None
-    return json.loads(spec.read_text())["group_by"]
+    spec = read_groups(model_dir) if model_dir else None
+    return None if spec is None else spec["group_by"]
 
 
 def _group_scorers(model_dir: str, features, group_by: str, alpha: float, seed: int):
@@ -383,9 +381,12 @@ def _group_scorers(model_dir: str, features, group_by: str, alpha: float, seed: 
         raise UsageError(f"--group-by {group_by!r}: no such column in the features table")
     given = {}
     if _grouped(model_dir):
+        from polymap.phases.model_dir import group_dir
+
         for value, part in features.groupby(group_by, sort=True):
-            if (Path(model_dir) / str(value)).is_dir():
-                given[str(value)] = _scorer(str(Path(model_dir) / str(value)), part, alpha, seed)
+            folder = group_dir(model_dir, value)  # a hostile value is an error, not a path
+            if folder.is_dir():
+                given[str(value)] = _scorer(str(folder), part, alpha, seed)
         return group_scorers(features, group_by, given, alpha=alpha, random_state=seed)
     template = PhaseModel(**PhaseModel.load(model_dir).get_params())
     return group_scorers(
@@ -395,8 +396,8 @@ def _group_scorers(model_dir: str, features, group_by: str, alpha: float, seed: 
 
 def _label(args: argparse.Namespace) -> int:
     from polymap.scoring import label_runs
+    from polymap.scoring.labels import check_label_params
 
-    table = _read_any_table(args.table, args.metric)
     direction = {"auto": None, "higher": True, "lower": False}[args.better]
     spike = {"auto": "auto", "off": None}.get(args.spike)
     if spike is None and args.spike != "off":
@@ -407,6 +408,8 @@ def _label(args: argparse.Namespace) -> int:
                 f"--spike {args.spike!r}: expected a number, 'off' or 'auto'"
             ) from None
     min_gap = args.min_gap
+    check_label_params(min_gap, spike, args.lasting)  # flags before any reading
+    table = _read_any_table(args.table, args.metric)
     if Path(args.table).is_dir() and args.metric == "val_loss":
         # a suite's runs: the suite's own rule (its manifest's labels) unless overridden
         from polymap.suite import BAND_FLOOR, RISE_THRESHOLD
@@ -437,10 +440,10 @@ def _backtest(args: argparse.Namespace) -> int:
     from polymap.table import read_table
 
     try:  # flags first: a usage error before any reading
-        horizons = tuple(float(h) for h in args.horizons.split(","))
-    except ValueError:
+        horizons = tuple(_fraction(high_open=False)(h) for h in args.horizons.split(","))
+    except argparse.ArgumentTypeError as err:
         raise UsageError(
-            f"--horizons {args.horizons!r}: expected fractions like 0.1,0.25"
+            f"--horizons {args.horizons!r}: expected fractions in (0, 1] like 0.1,0.25 ({err})"
         ) from None
     features = read_table(args.features_table)
     group_by = args.group_by or (_grouped(args.model) if args.model else None)

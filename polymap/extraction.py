@@ -46,6 +46,7 @@ from polymap.checkpoints import (
 )
 from polymap.checkpoints.prefetch import HubPrefetcher
 from polymap.device import resolve_device
+from polymap.errors import UsageError
 from polymap.executors import DEFAULT_RETRIES, Executor, LocalExecutor, TaskFailed, get_executor
 from polymap.features import (
     CheckpointContext,
@@ -392,6 +393,8 @@ def extract(
     >>> df = polymap.extract("runs/", out="features.parquet", features="hu2023")  # doctest: +SKIP
     >>> df[["run", "step", "hu2023.lambda_max"]].head()                          # doctest: +SKIP
     """
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise UsageError(f"jobs={jobs!r}: must be an integer >= 1")
     sets = get_feature_sets(features)
     names = [s.name for s in sets]
     resolve_device(device)  # fail fast on a bad device

@@ -567,3 +567,54 @@ def test_messages_name_the_flag_or_file(tmp_path, capsys):
     assert "--horizons" in capsys.readouterr().err
     assert main(["label", "/nonexistent", "--metric", "acc", "--out", str(tmp_path / "l.csv")]) == 1
     assert "TABLE /nonexistent: no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("hostile", ["ESCAPE", "../escaped", "a/b", ".."])
+def test_group_values_never_become_paths_outside_out(tmp_path, capsys, hostile):
+    """`fit --group-by model` named each group's folder with the value as it was: an
+    absolute value replaced --out, `../x` climbed out of it (exit 0)."""
+    from polymap.nulls import draw
+
+    outside = tmp_path / "outside"
+    value = str(outside) if hostile == "ESCAPE" else hostile
+    table = draw("offsets", n_runs=6, seed=0)
+    table["model"] = np.where(table["run"].isin(["run0", "run1", "run2"]), "ok", value)
+    path = tmp_path / "f.parquet"
+    table.to_parquet(path)
+    out = tmp_path / "work" / "out"
+    argv = ["fit", str(path), "--group-by", "model", "--states", "1", "--restarts", "1"]
+    assert main([*argv, "--out", str(out), "-q"]) == 1
+    assert "group value" in capsys.readouterr().err
+    assert not outside.exists() and not (tmp_path / "work" / "escaped").exists()
+    assert not (out / "ok").exists()  # checked before any fit: nothing half-written
+    # a crafted groups.json is refused where it is read, not followed
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "groups.json").write_text(json.dumps({"group_by": "model", "groups": [value]}))
+    assert main(["describe", str(model)]) == 1
+    assert "groups.json: group value" in capsys.readouterr().err
+
+
+def test_rule_numbers_out_of_range_are_usage_errors_before_any_work(tmp_path, capsys):
+    """A NaN gap or a negative spike threshold marked most healthy runs unstable (exit 0);
+    `lasting=0` every run; `jobs=0`; `--horizons 1.5` exited 1 after loading."""
+    import polymap
+    from polymap.errors import UsageError
+    from polymap.scoring import label_runs
+
+    missing = str(tmp_path / "missing.parquet")  # never read: the flags fail first
+    for flags in (["--min-gap", "nan"], ["--min-gap", "-1"], ["--min-gap", "inf"],
+                  ["--spike", "nan"], ["--spike", "-5"], ["--spike", "inf"]):  # fmt: skip
+        out = tmp_path / "l.csv"
+        assert main(["label", missing, "--metric", "acc", *flags, "--out", str(out)]) == 2, flags
+        assert not out.exists()
+    assert "must be a finite number" in capsys.readouterr().err
+    table = pd.DataFrame({"run": list("aabbcc"), "step": [1, 2] * 3, "acc": [0.5, 0.6] * 3})
+    for bad in ({"lasting": 0}, {"min_gap": float("nan")}, {"spike": -5.0}):
+        with pytest.raises(UsageError):
+            label_runs(table, "acc", **bad)
+    with pytest.raises(UsageError, match="jobs=0"):
+        polymap.extract(tmp_path, jobs=0)
+    assert main(["backtest", missing, "--labels", "l.csv", "--horizons", "0.25,1.5",
+                 "--out", str(tmp_path / "b")]) == 2  # fmt: skip
+    assert "(0, 1]" in capsys.readouterr().err

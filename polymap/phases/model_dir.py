@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from polymap.atomic import write_csv, write_json, write_parquet
+from polymap.checkpoints.ref import RefError, check_run
 from polymap.phases.graph import STATE_KEYS, TRANSITION_KEYS, training_map
 from polymap.table import as_table
 
@@ -100,6 +101,59 @@ def write_model_dir(model, table: pd.DataFrame, directory: str | Path) -> Path:
     return directory
 
 
+GROUPS_JSON = "groups.json"
+
+
+def group_dir(directory: str | Path, value) -> Path:
+    """The folder of one ``--group-by`` value inside ``directory``: the value must be
+    usable as one folder name (the rule run names follow, :func:`check_run`), so a value
+    such as ``/abs/path`` or ``../x`` - a ``model`` column comes from tables and manifests
+    a user did not write - is an error, never a write outside ``--out``.
+
+    >>> group_dir("out", "pythia-160m").as_posix()
+    'out/pythia-160m'
+    >>> group_dir("out", "../x")
+    Traceback (most recent call last):
+    polymap.phases.preprocess.PhaseInputError: group value '../x': contains a path separator or '..'
+    """
+    from polymap.phases.preprocess import PhaseInputError
+
+    try:
+        name = check_run(str(value), where="group value")
+    except RefError as err:
+        raise PhaseInputError(str(err)) from None
+    return Path(directory) / name
+
+
+def read_groups(directory: str | Path) -> dict | None:
+    """A grouped MODEL_DIR's ``groups.json`` (``{"group_by": str, "groups": [str]}``),
+    checked: its group names are folder names inside ``directory``; None when the
+    directory is not grouped."""
+    from polymap.phases.preprocess import PhaseInputError
+
+    path = Path(directory) / GROUPS_JSON
+    if not path.exists():
+        return None
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as err:
+        raise PhaseInputError(f"{path}: unreadable ({type(err).__name__}: {err})") from err
+    ok = (
+        isinstance(spec, dict)
+        and isinstance(spec.get("group_by"), str)
+        and isinstance(spec.get("groups"), list)
+        and all(isinstance(g, str) for g in spec["groups"])
+    )
+    if not ok:
+        raise PhaseInputError(f'{path}: expected {{"group_by": str, "groups": [str, ...]}}')
+    for group in spec["groups"]:
+        try:
+            group_dir(directory, group)
+        except PhaseInputError as err:
+            raise PhaseInputError(f"{path}: {err}") from None
+    return spec
+
+
 def fit_model_dir(
     table: pd.DataFrame | str | Path, directory: str | Path, group_by: str | None = None, **params
 ) -> dict:
@@ -118,13 +172,14 @@ def fit_model_dir(
         return {"": model}
     if group_by not in table.columns:
         raise PhaseInputError(f"--group-by {group_by!r}: no such column in the table")
+    parts = list(table.groupby(group_by, dropna=False))
+    folders = [group_dir(directory, value) for value, _ in parts]  # all checked before any fit
     models = {}
-    for value, part in table.groupby(group_by, dropna=False):
-        name = str(value)
+    for (_, part), folder in zip(parts, folders, strict=True):
         model = PhaseModel(**params).fit(part)
-        write_model_dir(model, model.train_table_, directory / name)
-        models[name] = model
-    write_json(directory / "groups.json", {"group_by": group_by, "groups": list(models)})
+        write_model_dir(model, model.train_table_, folder)
+        models[folder.name] = model
+    write_json(directory / GROUPS_JSON, {"group_by": group_by, "groups": list(models)})
     return models
 
 
@@ -134,11 +189,11 @@ def describe(directory: str | Path) -> str:
     from polymap.phases.io import read_model_files, read_selection
 
     directory = Path(directory)
-    groups = directory / "groups.json"
-    if groups.exists():
-        spec = json.loads(groups.read_text())
+    spec = read_groups(directory)
+    if spec is not None:
         return "\n\n".join(
-            f"== {spec['group_by']} = {g} ==\n" + describe(directory / g) for g in spec["groups"]
+            f"== {spec['group_by']} = {g} ==\n" + describe(group_dir(directory, g))
+            for g in spec["groups"]
         )
 
     # the checked files, not a PhaseModel: no scikit-learn or hmmlearn to import

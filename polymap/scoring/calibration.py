@@ -533,11 +533,12 @@ def describe_scorer(directory) -> str:
     import json
     from pathlib import Path
 
+    from polymap.phases.model_dir import group_dir, read_groups
+
     directory = Path(directory)
-    groups = directory / "groups.json"
-    if groups.exists():
-        spec = json.loads(groups.read_text())
-        parts = [(g, describe_scorer(directory / str(g))) for g in spec.get("groups", [])]
+    spec = read_groups(directory)
+    if spec is not None:
+        parts = [(g, describe_scorer(group_dir(directory, g))) for g in spec["groups"]]
         return "\n".join(f"[{spec.get('group_by')} = {g}] {t}" for g, t in parts if t)
     path = directory / "scorer.json"
     if not path.exists():

@@ -146,6 +146,26 @@ def floor_end(
     return float(steps[np.argmax(moved)]) if moved.any() else None
 
 
+def check_label_params(min_gap, spike, lasting: int, smoothing: float = 1.0) -> None:
+    """:func:`label_runs`'s numbers in range before any work (a NaN gap or a negative
+    spike threshold marked most healthy runs unstable; ``lasting=0`` every run at its
+    second step)."""
+
+    def finite(value) -> bool:
+        return (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        )
+
+    if min_gap is not None and not (finite(min_gap) and min_gap >= 0):
+        raise UsageError(f"min_gap={min_gap!r}: must be a finite number >= 0 (or None: auto)")
+    if spike not in (None, "auto") and not (finite(spike) and spike > 0):
+        raise UsageError(f"spike={spike!r}: must be a finite number > 0, 'auto' or None (off)")
+    if not (isinstance(lasting, int) and not isinstance(lasting, bool) and lasting >= 1):
+        raise UsageError(f"lasting={lasting!r}: must be an integer >= 1")
+    if not (finite(smoothing) and smoothing >= 0):
+        raise UsageError(f"smoothing={smoothing!r}: must be a finite number >= 0")
+
+
 def label_runs(
     table: pd.DataFrame | str | Path,
     metric: str,
@@ -171,6 +191,7 @@ def label_runs(
     >>> label_runs(t, "acc", lasting=2)["unstable"].tolist()
     [False, False, True]
     """
+    check_label_params(min_gap, spike, lasting, smoothing)
     table = as_table(table)
     for column in ("run", "step", metric):
         if column not in table.columns:
