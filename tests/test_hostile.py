@@ -618,3 +618,29 @@ def test_rule_numbers_out_of_range_are_usage_errors_before_any_work(tmp_path, ca
     assert main(["backtest", missing, "--labels", "l.csv", "--horizons", "0.25,1.5",
                  "--out", str(tmp_path / "b")]) == 2  # fmt: skip
     assert "(0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json", ".metadata"])
+def test_a_fifo_in_place_of_a_checkpoint_file_is_refused_not_waited_on(tmp_path, name):
+    """`open()` on a FIFO named model.safetensors blocked the sweep forever."""
+    run = tmp_path / "runs" / "seed0"
+    (checkpoint,) = make_tiny_run(run, steps=(0,), seed=0)
+    if name == ".metadata":  # a DCP checkpoint's metadata
+        for file in checkpoint.iterdir():
+            file.unlink()
+    else:
+        (checkpoint / name).unlink()
+    os.mkfifo(checkpoint / name)
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text(" ".join(str(i % 50) for i in range(64)))
+    out = tmp_path / "f.parquet"
+    sets = "hu2023,evals_native" if name == "config.json" else "hu2023"  # one that loads it
+    cmd = [sys.executable, "-m", "polymap", "extract", str(tmp_path / "runs"), "--out", str(out),
+           "--features", sets, "--probe-tokens", str(tokens), "-q"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    row = pd.read_parquet(out).iloc[0] if out.exists() else None
+    assert row is not None and f"{name}: a FIFO, not a weight file; refused" in row["error"]
+    if name == "config.json":  # the weights are still read; the model-level set is skipped
+        assert row["status"] == "warning" and not math.isnan(row["hu2023.l2"])
+    else:
+        assert done.returncode == 1 and row["status"] == "failed", done.stderr[-2000:]

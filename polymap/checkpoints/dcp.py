@@ -34,7 +34,12 @@ from pathlib import Path
 
 import torch
 
-from polymap.checkpoints.reader import CheckpointError, TensorReader, UnsafeCheckpointError
+from polymap.checkpoints.reader import (
+    CheckpointError,
+    TensorReader,
+    UnsafeCheckpointError,
+    check_regular,
+)
 
 METADATA = ".metadata"
 SUBFOLDERS = ("model_and_optim", "model")
@@ -75,14 +80,14 @@ def dcp_directory(directory: str | os.PathLike) -> Path | None:
     ``model/``), or None when it holds none."""
     directory = Path(directory)
     for candidate in (directory, *(directory / s for s in SUBFOLDERS)):
-        if (candidate / METADATA).is_file():
+        if (candidate / METADATA).exists():  # a FIFO too: refused, by name, when read
             return candidate
     return None
 
 
 def read_metadata(directory: str | os.PathLike):
     """The ``Metadata`` of a DCP directory, unpickled with only DCP's own classes."""
-    path = Path(directory) / METADATA
+    path = check_regular(Path(directory) / METADATA)
     try:
         with open(path, "rb") as fh:
             return _MetadataUnpickler(fh).load()
@@ -133,7 +138,7 @@ class DCPReader:
         if Path(relative).name != relative:
             raise CheckpointError(f"{self.dcp}: shard {relative!r} points outside the checkpoint")
         if relative not in self._files:
-            path = self.dcp / relative
+            path = check_regular(self.dcp / relative)
             try:
                 self._files[relative] = self._stack.enter_context(open(path, "rb"))  # noqa: SIM115
             except OSError as err:

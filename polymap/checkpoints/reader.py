@@ -72,6 +72,23 @@ class UnsafeCheckpointError(CheckpointError):
     """A pickle-based checkpoint that would need arbitrary code to load."""
 
 
+def check_regular(file: Path) -> Path:
+    """``file`` (symlinks followed) must be a regular file: opening a FIFO named
+    ``model.safetensors`` blocked the sweep forever, a device reads without end."""
+    import stat
+
+    try:
+        mode = os.stat(file).st_mode
+    except OSError as err:
+        raise CheckpointError(f"{file}: cannot stat ({err})") from err
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode) else (
+            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
+        )  # fmt: skip
+        raise CheckpointError(f"{file}: {kind}, not a weight file; refused")
+    return file
+
+
 def weight_files(directory: Path) -> list[Path]:
     """The weight files of a checkpoint directory in the format polymap will read."""
     directory = Path(directory)
@@ -135,6 +152,7 @@ def read_config(directory: Path) -> dict | None:
     path = Path(directory) / "config.json"
     if not path.exists():
         return None
+    check_regular(path)
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as err:
@@ -179,6 +197,7 @@ class TensorReader:
     def _open(self, file: Path) -> None:
         if not file.exists():
             raise CheckpointError(f"{file}: listed in the shard index but missing")
+        check_regular(file)
         if file.suffix == ".safetensors":
             try:  # safetensors validates the header and the file's extent
                 with safe_open(str(file), framework="pt") as handle:

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from polymap.checkpoints.reader import CheckpointError, check_regular
 from polymap.features.base import FeatureUnavailableError
 
 # Model types whose transformers "causal LM" class is only meaningful with is_decoder=True.
@@ -154,7 +155,7 @@ def _tokenizer_digest(directory: Path) -> str:
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model"):
         file = directory / name
         if file.exists():
-            h.update(file.read_bytes())
+            h.update(check_regular(file).read_bytes())
     return h.hexdigest()
 
 
@@ -182,6 +183,12 @@ def load_causal_lm(directory: Path, device: torch.device):
     """
     import transformers
 
+    for name in ("config.json", "model.safetensors"):  # transformers would block on a FIFO
+        if (Path(directory) / name).exists():
+            try:
+                check_regular(Path(directory) / name)
+            except CheckpointError as err:
+                raise FeatureUnavailableError(str(err)) from None
     transformers.utils.logging.disable_progress_bar()
     config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
     if config.model_type in ENCODER_TYPES and not getattr(config, "is_decoder", False):
