@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from polymap.atomic import write_parquet
@@ -58,6 +59,44 @@ def feature_columns(df: pd.DataFrame) -> list[str]:
     return [c for c in df.columns if c not in META_COLUMNS and "." in c]
 
 
+MAX_STEP = 2**63  # steps are int64
+
+
+def _bad(df: pd.DataFrame, column: str, bad: pd.Series, why: str) -> None:
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise TableError(
+            f"column {column!r}: {why} ({int(bad.sum())} row(s); first: row {row}, "
+            f"run {df['run'].iloc[row]!r}, {column} = {df[column].iloc[row]!r})"
+        )
+
+
+def _integers(df: pd.DataFrame, column: str) -> pd.Series:
+    """``column`` as whole numbers (missing allowed); words or fractions are an error."""
+    values = pd.to_numeric(df[column], errors="coerce")
+    _bad(df, column, values.isna() & df[column].notna(), "not a number")
+    _bad(df, column, (values != np.floor(values)) & values.notna(), "not a whole number")
+    return values
+
+
+def _check_keys(df: pd.DataFrame) -> None:
+    """The key columns as the schema says, before any cast can hide a bad value: ``run``
+    a non-empty string, ``step`` a whole number in [0, 2^63), ``status`` one of
+    :data:`STATUSES` (or missing: ok). One line naming the column and the first bad row."""
+    run = df["run"]
+    _bad(df, "run", run.isna() | (run.astype(str).str.strip() == ""), "empty run name")
+    raw = df["step"]
+    if pd.api.types.is_unsigned_integer_dtype(raw.dtype):  # uint64 >= 2^63 would wrap
+        _bad(df, "step", raw >= MAX_STEP, "beyond int64")
+    step = pd.to_numeric(raw, errors="coerce")
+    _bad(df, "step", step.isna(), "not a number (or missing)")
+    _bad(df, "step", step != np.floor(step), "not a whole number")
+    _bad(df, "step", (step < 0) | (step >= MAX_STEP), "outside 0 <= step < 2^63")
+    status = df["status"]
+    _bad(df, "status", status.notna() & ~status.astype(str).isin(STATUSES),
+         f"not one of {STATUSES}")  # fmt: skip
+
+
 def normalize(df: pd.DataFrame) -> pd.DataFrame:
     """Schema order and dtypes; raises :class:`TableError` on missing keys or duplicates."""
     missing = [c for c in KEY_COLUMNS if c not in df.columns]
@@ -67,10 +106,11 @@ def normalize(df: pd.DataFrame) -> pd.DataFrame:
     for column in META_COLUMNS:
         if column not in df.columns:
             df[column] = pd.NA
+    _check_keys(df)
     df["run"] = df["run"].astype(str)
     df["step"] = pd.to_numeric(df["step"]).astype("int64")
     for column in ("seed", "tokens"):
-        df[column] = pd.to_numeric(df[column]).astype("Int64")
+        df[column] = _integers(df, column).astype("Int64")
     for column in ("model", "status", "error", "fingerprint", "feature_sets", "architecture"):
         df[column] = df[column].astype("string")
     df["status"] = df["status"].fillna("ok")
@@ -100,7 +140,12 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
     store = FeatureStore(path)
     if not store.path.exists() and not store._part_files():
         raise TableError(f"{store.path}: no such file")
-    return store.load()
+    try:
+        return store.load()
+    except TableError as err:  # name the file once
+        if str(store.path) in str(err):
+            raise
+        raise TableError(f"{store.path}: {err}") from None
 
 
 def as_table(table: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:

@@ -644,3 +644,30 @@ def test_a_fifo_in_place_of_a_checkpoint_file_is_refused_not_waited_on(tmp_path,
         assert row["status"] == "warning" and not math.isnan(row["hu2023.l2"])
     else:
         assert done.returncode == 1 and row["status"] == "failed", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "why"),
+    [("step", 0.4, "not a whole number"), ("step", -3, "outside 0 <= step"),
+     ("step", "ten", "not a number"), ("step", float("nan"), "not a number"),
+     ("step", np.uint64(2**63 + 5), "beyond int64"), ("run", "", "empty run name"),
+     ("status", "exploded", "not one of"), ("seed", "seven", "not a number")],
+)  # fmt: skip
+def test_feature_table_key_columns_are_validated_on_read(tmp_path, column, value, why):
+    """Fractional steps were truncated (0.4 -> 0), negative ones accepted, uint64 steps
+    >= 2^63 wrapped negative, any status string accepted; words were tracebacks."""
+    from polymap.table import TableError, read_table
+
+    good = {"run": ["a", "a", "b"], "step": [0, 1, 2], "status": ["ok", "ok", "ok"],
+            "seed": ["1", "1", "2"]}  # fmt: skip
+    table = pd.DataFrame({"run": good["run"], "step": good["step"], "x.f": [1.0, 2.0, 3.0]})
+    if isinstance(value, np.uint64):
+        table["step"] = np.array([0, 1, value], dtype=np.uint64)
+    elif isinstance(value, str):  # a column of words (Parquet stores one type a column)
+        table[column] = [*good[column][:2], value] if column != "step" else ["0", "1", value]
+    else:
+        table[column] = np.array([*good[column][:2], value], dtype=float)
+    path = tmp_path / "t.parquet"
+    table.to_parquet(path)
+    with pytest.raises(TableError, match=rf"t\.parquet: column '{column}': {why}.*row 2"):
+        read_table(path)
