@@ -27,6 +27,13 @@ from __future__ import annotations
 
 import io
 import os
+
+# DCP's ``.metadata`` is a pickle by torch's own format (FileSystemReader.read_metadata
+# calls pickle.load on it). torch's weights-only unpickler cannot read it (protocol-4
+# opcodes such as FRAME and SHORT_BINUNICODE are unsupported, tried), so the only pickle
+# use in polymap is this find_class allow-list ("restricting globals"): DCP's metadata
+# dataclasses, torch.Size, dtypes and layouts; anything else is refused unexecuted.
+# polymap's own saved models and tables are JSON + .npz / Parquet, never pickles.
 import pickle
 from collections.abc import Iterator
 from contextlib import ExitStack
